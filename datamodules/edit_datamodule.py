@@ -1,0 +1,290 @@
+"""LightningDataModules of edit requests, for training hypernetwork editors (MEND, KE, ...).
+
+Each batch holds three teacher-forced sub-batches built from the same requests::
+
+    {
+        "edit":      {"input_ids", "attention_mask", "labels"},  # prompt + " " + target_new
+        "rephrase":  {...},                                      # first rephrase + " " + target_new
+        "locality":  {...},                                      # first locality prompt + " " + answer
+        "case_id":   [str, ...],
+    }
+
+Prompt and target are tokenized separately (the prompt with the tokenizer's usual special
+tokens, ``" " + target`` without any) and concatenated, so that ``labels`` is ``-100`` on the
+prompt and the padding and equals the target's own token ids everywhere else. Padding is on
+the right.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.records import load_requests, requests_to_dataset
+from datamodules.sources import resolve_source
+from editors.base import EditRequest
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PARTS: tuple[str, ...] = ("edit", "rephrase", "locality")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and collation (module-level callables, so dataloader workers can pickle them)
+# --------------------------------------------------------------------------------------------
+
+
+def join_prompt_target(prompt_ids: Sequence[int], target_ids: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Concatenate prompt and target token ids; labels mask the prompt with ``-100``.
+
+    Too long a pair loses tokens from the *start* of the prompt (the end of the prompt and the
+    target are what the loss needs); a target longer than ``max_length - 1`` is cut at its end.
+    """
+    target = list(target_ids)[: max_length - 1]
+    prompt = list(prompt_ids)[max(0, len(prompt_ids) - (max_length - len(target))) :]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+class EditTokenizer:
+    """``datasets.Dataset.map`` function (batched) that tokenizes the three parts of each request."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        pairs: dict[str, tuple[list[str], list[str]]] = {
+            "edit": (batch["prompt"], batch["target_new"]),
+            "rephrase": (
+                [rephrases[0] if rephrases else prompt for rephrases, prompt in zip(batch["rephrase_prompts"], batch["prompt"])],
+                batch["target_new"],
+            ),
+            "locality": ([qas[0]["prompt"] for qas in batch["locality"]], [qas[0]["answer"] for qas in batch["locality"]]),
+        }
+        out: dict[str, list[list[int]]] = {}
+        for part, (prompts, targets) in pairs.items():
+            prompt_ids = self.tokenizer(prompts)["input_ids"]
+            target_ids = self.tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
+            joined = [join_prompt_target(p, t, self.max_length) for p, t in zip(prompt_ids, target_ids)]
+            out[f"{part}_input_ids"] = [ids for ids, _ in joined]
+            out[f"{part}_labels"] = [labels for _, labels in joined]
+        return out
+
+
+class EditCollator:
+    """Pads each part of a list of tokenized rows on the right into ``input_ids``/``attention_mask``/``labels``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"case_id": [row["case_id"] for row in rows]}
+        for part in PARTS:
+            ids = [row[f"{part}_input_ids"] for row in rows]
+            labels = [row[f"{part}_labels"] for row in rows]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            label_tensor = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+                input_ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+                attention_mask[i, : len(row_ids)] = 1
+                label_tensor[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+            batch[part] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
+        return batch
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/validation split of ``range(n)``; both lists keep the file order.
+
+    A positive ``val_fraction`` puts at least one and at most ``n - 1`` items in validation.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# --------------------------------------------------------------------------------------------
+# DataModules
+# --------------------------------------------------------------------------------------------
+
+
+class EditDataModule(LightningDataModule):
+    """Edit requests from a data file or named source, tokenized for training an editor.
+
+    Args:
+        data: a JSON/JSONL file of edit records or a known source name (``counterfact-demo``,
+            ``zsre-demo``, ``counterfact``, ``zsre``).
+        format: the records' format (see :data:`datamodules.records.FORMATS`); ``None`` detects it.
+        tokenizer: a tokenizer, or a model name/path whose tokenizer is loaded when first needed.
+        batch_size: requests per batch.
+        val_fraction: share of the requests held out for validation (seeded split).
+        limit: use only the first ``limit`` valid requests.
+        max_length: longest tokenized prompt + target; longer pairs lose the start of the prompt.
+        seed: seeds the split and the training order.
+        num_workers: dataloader worker processes.
+        skip_invalid: leave invalid records out (with a warning each) instead of failing.
+    """
+
+    def __init__(
+        self,
+        data: str,
+        format: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase = "smollm2-135m",
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        limit: int | None = None,
+        max_length: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one prompt and one target token), got {max_length}")
+        self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
+        self.data = data
+        self.format = format
+        self.tokenizer_spec = tokenizer
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.limit = limit
+        self.max_length = max_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.skip_invalid = skip_invalid
+        self._tokenizer: PreTrainedTokenizerBase | None = None if isinstance(tokenizer, str) else tokenizer
+        self.train_requests: list[EditRequest] = []
+        self.val_requests: list[EditRequest] = []
+        self.train_dataset: "datasets.Dataset | None" = None
+        self.val_dataset: "datasets.Dataset | None" = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer; a name or path given at construction is loaded on first use."""
+        if self._tokenizer is None:
+            from evaluation.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad token, or its end-of-sequence token when it has no pad token."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
+        return int(pad)
+
+    def prepare_data(self) -> None:
+        """Make sure the data exists locally (downloads named full datasets on first use)."""
+        resolve_source(self.data, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the requests once, split them, and tokenize both splits."""
+        if self.train_dataset is not None:
+            return
+        path, named_format = resolve_source(self.data, download=False)
+        requests = load_requests(path, format=self.format or named_format, limit=self.limit, skip_invalid=self.skip_invalid)
+        usable = [r for r in requests if r.locality]
+        if len(usable) < len(requests):
+            logger.warning(
+                "%s: %d of %d requests have no locality probe and are left out (training needs one per request)",
+                path, len(requests) - len(usable), len(requests),
+            )
+        if not usable:
+            raise ValueError(f"{path}: no usable edit requests (each needs a locality probe)")
+        train_idx, val_idx = split_indices(len(usable), self.val_fraction, self.seed)
+        self.train_requests = [usable[i] for i in train_idx]
+        self.val_requests = [usable[i] for i in val_idx]
+        self.train_dataset = self._tokenize(self.train_requests, "train")
+        self.val_dataset = self._tokenize(self.val_requests, "val")
+        logger.info("%s: %d training and %d validation requests", path, len(self.train_requests), len(self.val_requests))
+
+    def _tokenize(self, requests: list[EditRequest], split: str) -> "datasets.Dataset":
+        dataset = requests_to_dataset(requests)
+        keep = {"case_id"}
+        return dataset.map(
+            EditTokenizer(self.tokenizer, self.max_length),
+            batched=True,
+            remove_columns=[c for c in dataset.column_names if c not in keep],
+            desc=f"tokenizing {split} requests",
+        )
+
+    def _loader(self, dataset: "datasets.Dataset | None", shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=EditCollator(self.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+class CounterFactDataModule(EditDataModule):
+    """:class:`EditDataModule` with CounterFact's bundled demo set as the default data."""
+
+    def __init__(
+        self,
+        data: str = "counterfact-demo",
+        format: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase = "smollm2-135m",
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        limit: int | None = None,
+        max_length: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+    ) -> None:
+        super().__init__(data, format, tokenizer, batch_size, val_fraction, limit, max_length, seed, num_workers, skip_invalid)
+
+
+class ZsREDataModule(EditDataModule):
+    """:class:`EditDataModule` with zsRE's bundled demo set as the default data."""
+
+    def __init__(
+        self,
+        data: str = "zsre-demo",
+        format: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase = "smollm2-135m",
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        limit: int | None = None,
+        max_length: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+    ) -> None:
+        super().__init__(data, format, tokenizer, batch_size, val_fraction, limit, max_length, seed, num_workers, skip_invalid)

@@ -1,0 +1,432 @@
+"""The editor contract: edit requests, reversible edits, editor configs and the registry.
+
+Every editor, trained or training-free, implements one call::
+
+    edit = editor.apply(model, tokenizer, requests, config)
+
+which changes ``model`` in place and returns an :class:`Edit`. The edit remembers what it
+replaced, so ``edit.revert(model)`` restores the weights bit-exactly; ``edit.save(dir)`` writes it
+as safetensors + JSON and ``Edit.load(dir)`` reads it back, to be applied to a fresh copy of the
+same model with ``edit.apply(model)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+EDIT_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QA:
+    """A prompt with its expected answer (locality and portability probes).
+
+    ``aliases`` holds every acceptable answer when the source lists several (KnowEdit);
+    ``answer`` is the first of them and is the one scored by teacher forcing.
+    ``kind`` names the source's category, e.g. ``Relation_Specificity`` or ``Reasoning``.
+    """
+
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into the model, with the probes used to score the edit.
+
+    ``prompt`` is the full prompt with the subject filled in, and ``subject`` occurs in it
+    (locate-then-edit methods need the subject's position). ``target_true`` is the answer the
+    unedited fact has; it may be unknown (``None``) for datasets of new facts.
+    """
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality: tuple[QA, ...] = ()
+    portability: tuple[QA, ...] = ()
+    # CounterFact's neighbourhood prompts: other subjects whose true answer is ``target_true``,
+    # scored by the probability protocol (NS). Their token-protocol twin lives in ``locality``.
+    neighborhood_prompts: tuple[str, ...] = ()
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            field_name, message = problems[0]
+            raise ValueError(f"edit request {self.case_id!r}: field {field_name!r}: {message}")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every way this request is malformed, as ``(field, message)`` pairs."""
+        found: list[tuple[str, str]] = []
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                found.append((name, f"expected a string, got {type(value).__name__}"))
+            elif not value.strip():
+                found.append((name, "is empty"))
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            found.append(("target_true", f"expected a string, got {type(self.target_true).__name__}"))
+        if isinstance(self.prompt, str) and isinstance(self.subject, str) and self.subject.strip():
+            if self.subject not in self.prompt:
+                found.append(("subject", f"{self.subject!r} does not occur in prompt {self.prompt!r}"))
+        for name in ("rephrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
+                found.append((name, "expected a list of strings"))
+        for name in ("locality", "portability"):
+            for item in getattr(self, name):
+                if not isinstance(item, QA) or not isinstance(item.prompt, str) or not isinstance(item.answer, str):
+                    found.append((name, "expected prompt/answer strings"))
+                elif not item.answer.strip():
+                    found.append((name, f"empty answer for prompt {item.prompt!r}"))
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "EditRequest":
+        qa = lambda items: tuple(QA(q["prompt"], q["answer"], tuple(q.get("aliases", ())), q.get("kind", "")) for q in items)
+        return cls(
+            case_id=str(row["case_id"]),
+            prompt=row["prompt"],
+            subject=row["subject"],
+            target_new=row["target_new"],
+            target_true=row.get("target_true"),
+            rephrase_prompts=tuple(row.get("rephrase_prompts", ())),
+            locality=qa(row.get("locality", ())),
+            portability=qa(row.get("portability", ())),
+            neighborhood_prompts=tuple(row.get("neighborhood_prompts", ())),
+            attribute_prompts=tuple(row.get("attribute_prompts", ())),
+            generation_prompts=tuple(row.get("generation_prompts", ())),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Edits
+# --------------------------------------------------------------------------------------------
+
+
+class EditError(RuntimeError):
+    """An edit cannot be applied, reverted, saved or loaded as asked."""
+
+
+@dataclass
+class ParamDelta:
+    """The change to one parameter: dense (``delta``) or a product of factors ``left @ right``.
+
+    Low-rank updates (ROME's is rank one) are stored as their factors, so a saved edit holds
+    ``(rows + cols) * rank`` numbers instead of ``rows * cols``.
+    """
+
+    delta: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.delta is None) == (self.left is None or self.right is None):
+            raise ValueError("a ParamDelta holds either a dense delta or both low-rank factors")
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else self.left.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        return self.delta if self.delta is not None else self.left @ self.right
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.delta is not None:
+            return {"delta": self.delta}
+        return {"left": self.left, "right": self.right}
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """A short hash of a tensor's exact bytes, to recognise the weights an edit was made on."""
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+_EDIT_KINDS: dict[str, type["Edit"]] = {}
+
+
+class Edit:
+    """A reversible change to a model's parameters.
+
+    ``deltas`` maps parameter names (as in ``model.named_parameters()``) to their change. Applying
+    snapshots the current values of exactly those parameters; reverting copies the snapshots
+    back, so the model returns to its previous bits whatever rounding the addition did.
+    Subclasses for memory- or code-based editors override :meth:`_apply`, :meth:`_revert`,
+    :meth:`_state_tensors` and :meth:`_from_state`, and register themselves with ``kind``.
+    """
+
+    kind: ClassVar[str] = "weight_delta"
+
+    def __init__(
+        self,
+        editor: str,
+        deltas: dict[str, ParamDelta] | None = None,
+        case_ids: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.editor = editor
+        self.deltas = dict(deltas or {})
+        self.case_ids = [str(c) for c in case_ids]
+        self.config = dict(config or {})
+        self.info = dict(info or {})
+        self._snapshots: dict[str, torch.Tensor] = {}
+        self._applied_to: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind in _EDIT_KINDS and _EDIT_KINDS[cls.kind] is not cls:
+            raise ValueError(f"edit kind {cls.kind!r} is already registered by {_EDIT_KINDS[cls.kind].__name__}")
+        _EDIT_KINDS[cls.kind] = cls
+
+    # -- what the edit touches -----------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return sorted(self.deltas)
+
+    @property
+    def is_applied(self) -> bool:
+        return self._applied_to is not None
+
+    def num_stored_values(self) -> int:
+        return sum(t.numel() for d in self.deltas.values() for t in d.tensors().values())
+
+    # -- apply / revert ------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> "Edit":
+        """Add the change to ``model`` (in place). Refuses non-finite updates and double application."""
+        if self.is_applied:
+            raise EditError(f"{self.editor} edit is already applied; revert it first")
+        self._apply(model)
+        self._applied_to = id(model)
+        return self
+
+    def revert(self, model: torch.nn.Module) -> None:
+        """Restore the parameters this edit changed to their exact values before :meth:`apply`."""
+        if not self.is_applied:
+            raise EditError(f"{self.editor} edit is not applied")
+        if self._applied_to != id(model):
+            raise EditError(f"{self.editor} edit was applied to a different model object")
+        self._revert(model)
+        self._applied_to = None
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator["Edit"]:
+        """``with edit.applied(model): ...`` applies the edit for the block and reverts it after."""
+        self.apply(model)
+        try:
+            yield self
+        finally:
+            self.revert(model)
+
+    def _apply(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n in self.deltas if n not in params]
+        if missing:
+            raise EditError(f"{self.editor} edit changes parameters the model does not have: {missing}")
+        updates = {}
+        for name, delta in self.deltas.items():
+            param = params[name]
+            dense = delta.dense().to(device=param.device, dtype=torch.float32)
+            if dense.shape != param.shape:
+                raise EditError(f"{self.editor} edit of {name}: delta shape {tuple(dense.shape)} != parameter shape {tuple(param.shape)}")
+            if not torch.isfinite(dense).all():
+                raise EditError(f"{self.editor} edit of {name} contains non-finite values (NaN or inf); refusing to apply it")
+            updates[name] = dense
+        # Only touch the model once every update has been checked.
+        with torch.no_grad():
+            for name, dense in updates.items():
+                param = params[name]
+                self._snapshots[name] = param.detach().clone()
+                param.copy_((param.float() + dense).to(param.dtype))
+
+    def _revert(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, original in self._snapshots.items():
+                params[name].copy_(original)
+        self._snapshots = {}
+
+    # -- save / load ---------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, delta in self.deltas.items():
+            for part, tensor in delta.tensors().items():
+                out[f"{name}::{part}"] = tensor.detach().to("cpu").contiguous()
+        return out
+
+    @classmethod
+    def _from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "Edit":
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, _, part = key.rpartition("::")
+            if part not in ("delta", "left", "right") or not name:
+                raise EditError(f"unexpected tensor {key!r} in a weight-delta edit")
+            grouped.setdefault(name, {})[part] = tensor
+        deltas = {name: ParamDelta(**parts) for name, parts in grouped.items()}
+        return cls(meta["editor"], deltas, meta.get("case_ids", ()), meta.get("config"), meta.get("info"))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``edit.json`` (what, by whom, for which cases) and ``edit.safetensors``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = self._state_tensors()
+        meta = {
+            "format_version": EDIT_FORMAT_VERSION,
+            "kind": self.kind,
+            "editor": self.editor,
+            "case_ids": self.case_ids,
+            "config": self.config,
+            "info": self.info,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
+        }
+        save_file(tensors, str(directory / "edit.safetensors"))
+        (directory / "edit.json").write_text(json.dumps(meta, indent=2, default=str))
+        return directory
+
+    @staticmethod
+    def load(directory: str | Path) -> "Edit":
+        """Read an edit written by :meth:`save`; clear errors for missing or corrupt files."""
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "edit.json", directory / "edit.safetensors"
+        for path in (meta_path, tensor_path):
+            if not path.is_file():
+                raise EditError(f"{path}: missing; an edit directory holds edit.json and edit.safetensors")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise EditError(f"{meta_path}: not valid JSON ({err})") from err
+        if not isinstance(meta, dict) or "kind" not in meta or "editor" not in meta:
+            raise EditError(f"{meta_path}: field 'kind' and 'editor' are required")
+        if meta.get("format_version", 0) > EDIT_FORMAT_VERSION:
+            raise EditError(f"{meta_path}: format_version {meta['format_version']} is newer than this library understands ({EDIT_FORMAT_VERSION})")
+        kind = meta["kind"]
+        if kind not in _EDIT_KINDS:
+            raise EditError(f"{meta_path}: field 'kind': unknown edit kind {kind!r}; known: {sorted(_EDIT_KINDS)}")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise EditError(f"{tensor_path}: cannot be read as safetensors ({err})") from err
+        expected = meta.get("tensors")
+        if expected is not None and set(expected) != set(tensors):
+            raise EditError(f"{tensor_path}: tensors {sorted(tensors)} do not match edit.json {sorted(expected)}")
+        return _EDIT_KINDS[kind]._from_state(meta, tensors)
+
+    def __repr__(self) -> str:
+        state = "applied" if self.is_applied else "not applied"
+        return f"{type(self).__name__}(editor={self.editor!r}, cases={len(self.case_ids)}, params={self.param_names}, {state})"
+
+
+_EDIT_KINDS[Edit.kind] = Edit
+
+
+def snapshot_deltas(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, ParamDelta]:
+    """Turn parameters changed in place back into deltas, restoring their original values.
+
+    Editors that optimise weights directly (fine-tuning) call this at the end: the model is left
+    as it was found, and the returned deltas are applied through :class:`Edit` so that revert is
+    exact and the editor's changes are limited to the parameters in ``originals``.
+    """
+    params = dict(model.named_parameters())
+    deltas = {}
+    with torch.no_grad():
+        for name, original in originals.items():
+            param = params[name]
+            deltas[name] = ParamDelta(delta=(param.float() - original.float()).cpu())
+            param.copy_(original)
+    return deltas
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and the registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditorConfig:
+    """Base of every editor's settings. Method settings only: no paths, devices or run options."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Editor(ABC):
+    """An editing method. Subclasses are registered with :func:`register_editor`.
+
+    ``supports_batch`` says whether one call may carry several requests that are edited jointly;
+    editors that cannot batch receive one request per call and say so in their docs.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[EditorConfig]]
+    supports_batch: ClassVar[bool] = True
+
+    @abstractmethod
+    def apply(self, model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: EditorConfig) -> Edit:
+        """Edit ``model`` in place to satisfy ``requests`` and return the (applied) :class:`Edit`."""
+
+    def check_requests(self, requests: Sequence[EditRequest]) -> None:
+        if not requests:
+            raise ValueError(f"{self.name}: no edit requests given")
+        if len(requests) > 1 and not self.supports_batch:
+            raise ValueError(f"{self.name} edits one request per call; got {len(requests)} (use --mode single or sequential)")
+
+
+_REGISTRY: dict[str, type[Editor]] = {}
+
+
+def register_editor(name: str, config_class: type[EditorConfig]):
+    """Class decorator: register an editor under a unique lower-case ``name``."""
+
+    def decorate(cls: type[Editor]) -> type[Editor]:
+        if name != name.lower() or not name.replace("_", "").isalnum():
+            raise ValueError(f"editor name {name!r} must be lower-case letters, digits and underscores")
+        if name in _REGISTRY:
+            raise ValueError(f"editor {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not (isinstance(config_class, type) and issubclass(config_class, EditorConfig)):
+            raise TypeError(f"editor {name!r}: config_class must subclass EditorConfig")
+        cls.name = name
+        cls.config_class = config_class
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_editor(name: str) -> type[Editor]:
+    """The editor class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown editor {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_editors() -> list[str]:
+    return sorted(_REGISTRY)

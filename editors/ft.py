@@ -1,0 +1,127 @@
+"""Fine-tuning editors: FT-L and FT-M.
+
+* **FT-L** is the constrained fine-tuning baseline of ROME (Meng et al., 2022, "Locating and
+  Editing Factual Associations in GPT", section 3 baselines, "FT+L"): gradient descent on the
+  chosen MLP weights with an L-infinity constraint, ``|W - W0|_inf <= epsilon``, enforced by
+  clamping after every step. As in that baseline, the loss reads only the last prompt position:
+  it maximises the log-probability of every target token there (without feeding the target).
+* **FT-M** (Zhang et al., 2024, "A Comprehensive Study of Knowledge Editing for Large Language
+  Models") feeds prompt + target and takes the teacher-forced cross-entropy on the target tokens
+  only (prompt tokens masked out), which makes multi-token targets well defined.
+
+Both change only the parameters of the modules named by ``module`` and ``layers``; the model is
+left as it was found and the change is returned as a dense delta through :class:`Edit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .base import Edit, Editor, EditorConfig, EditRequest, register_editor, snapshot_deltas
+from .lm import PairBatch, collate_pairs, encode_pair, model_device, target_nll
+from .targets import get_parameter_name, get_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FTConfig(EditorConfig):
+    layers: list[int] = field(default_factory=lambda: [10], metadata={"help": "indices of the blocks whose module is fine-tuned"})
+    module: str = field(default="mlp_out", metadata={"help": "role in the architecture table to tune: mlp_out, mlp_in, attn_out, ..."})
+    objective: str = field(
+        default="target_tokens",
+        metadata={"help": "'target_tokens': teacher-forced loss on the target tokens (FT-M); 'prompt_last': all target tokens scored at the last prompt position (FT-L)"},
+    )
+    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    steps: int = field(default=25, metadata={"help": "maximum optimisation steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    norm_constraint: float | None = field(default=None, metadata={"help": "L-infinity bound on the change of each weight (None: unconstrained)"})
+    stop_loss: float = field(default=1e-3, metadata={"help": "stop early once the mean loss falls below this"})
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("target_tokens", "prompt_last"):
+            raise ValueError(f"objective must be 'target_tokens' or 'prompt_last', got {self.objective!r}")
+        if not self.layers:
+            raise ValueError("layers must name at least one block")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+
+
+@dataclass
+class FTLConfig(FTConfig):
+    objective: str = "prompt_last"
+    norm_constraint: float | None = 5e-4
+
+
+@dataclass
+class FTMConfig(FTConfig):
+    objective: str = "target_tokens"
+
+
+class FineTune(Editor):
+    """Shared implementation; FT-L and FT-M differ only in their config defaults."""
+
+    def apply(self, model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> Edit:
+        self.check_requests(requests)
+        targets = get_targets(model, config.targets)
+        names = [get_parameter_name(model, targets.layer(config.module, layer)) for layer in config.layers]
+        params = dict(model.named_parameters())
+        originals = {n: params[n].detach().clone() for n in names}
+        batch = self._batch(model, tokenizer, requests, config)
+
+        previous_grad = {n: p.requires_grad for n, p in params.items()}
+        model.requires_grad_(False)
+        tuned = [params[n] for n in names]
+        for p in tuned:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(tuned, lr=config.lr, weight_decay=config.weight_decay)
+        steps_run, loss_value = 0, float("nan")
+        try:
+            for steps_run in range(1, config.steps + 1):
+                loss = target_nll(model, batch).mean()
+                loss_value = loss.item()
+                if loss_value < config.stop_loss:
+                    steps_run -= 1
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if config.norm_constraint is not None:
+                    with torch.no_grad():
+                        for name, p in zip(names, tuned):
+                            eps = config.norm_constraint
+                            p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(previous_grad[n])
+                p.grad = None
+        deltas = snapshot_deltas(model, originals)
+        logger.debug("%s: %d steps, final loss %.4f", self.name, steps_run, loss_value)
+        edit = Edit(self.name, deltas, [r.case_id for r in requests], config.to_dict(), {"steps": steps_run, "final_loss": loss_value})
+        return edit.apply(model)
+
+    @staticmethod
+    def _batch(model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> PairBatch:
+        encoded = [encode_pair(tokenizer, r.prompt, r.target_new) for r in requests]
+        batch = collate_pairs(encoded, tokenizer.pad_token_id, model_device(model))
+        if config.objective == "prompt_last":
+            # Every target token is scored at the prompt's last position; the target tokens that
+            # follow in the input cannot influence that position under causal attention.
+            last = [len(p) - 1 for p, t in encoded for _ in t]
+            batch.cols = torch.tensor(last, dtype=torch.long, device=batch.cols.device)
+        return batch
+
+
+@register_editor("ft_l", FTLConfig)
+class FTL(FineTune):
+    """FT-L: L-infinity-constrained fine-tuning of MLP weights (ROME's FT+L baseline)."""
+
+
+@register_editor("ft_m", FTMConfig)
+class FTM(FineTune):
+    """FT-M: fine-tuning with a loss on the target tokens only (teacher forcing, prompt masked)."""

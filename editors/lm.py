@@ -1,0 +1,111 @@
+"""Language-model helpers shared by editors and evaluation.
+
+Everything here is about (prompt, target) pairs under teacher forcing: the input is the prompt's
+tokens followed by the target's, and the target's i-th token is predicted at the position just
+before it. Logits are computed only at those positions: the unembedding over a large vocabulary
+costs a large share of a small model's forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def join_text(prompt: str, target: str) -> tuple[str, str]:
+    """Prompt and target as they are concatenated: a space between them unless one is there."""
+    if not target or target[0].isspace() or not prompt or prompt[-1].isspace():
+        return prompt, target
+    return prompt, " " + target
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (with the tokenizer's special tokens) and of its ``target``.
+
+    The target's ids are read off the tokenization of the joined text, which is what the model
+    sees; if the tokenizer merged across the boundary, the target is tokenized on its own.
+    """
+    prompt, target = join_text(prompt, target)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + target)["input_ids"]
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        target_ids = full_ids[len(prompt_ids) :]
+    else:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return list(prompt_ids), list(target_ids)
+
+
+@dataclass
+class PairBatch:
+    """A right-padded batch of prompt+target sequences and the positions that predict targets."""
+
+    input_ids: torch.Tensor  # [batch, length]
+    attention_mask: torch.Tensor  # [batch, length]
+    rows: torch.Tensor  # [n_target_tokens] batch index of each predicted target token
+    cols: torch.Tensor  # [n_target_tokens] position whose output predicts it
+    targets: torch.Tensor  # [n_target_tokens] the target token ids
+    lengths: list[int]  # target length per sequence, to split flat results back
+    prompt_lengths: list[int]
+
+
+def collate_pairs(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu") -> PairBatch:
+    width = max(len(p) + len(t) for p, t in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    rows, cols, targets, lengths = [], [], [], []
+    for i, (p, t) in enumerate(encoded):
+        seq = p + t
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        rows += [i] * len(t)
+        cols += range(len(p) - 1, len(p) + len(t) - 1)
+        targets += t
+        lengths.append(len(t))
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+    return PairBatch(
+        input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(cols), as_long(targets), lengths, [len(p) for p, _ in encoded]
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the final norm) of a causal LM's body, without the unembedding."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError("encoder-decoder (T5-style) models are not supported yet by the scoring helpers")
+    body = model.base_model
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, with the output scaling some architectures apply."""
+    logits = model.get_output_embeddings()(hidden)
+    scale = getattr(model.config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Logits ``[n_target_tokens, vocab]`` at exactly the positions that predict target tokens."""
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+    return unembed(model, hidden[batch.rows, batch.cols])
+
+
+def target_nll(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Per-sequence negative log-likelihood of the targets, averaged over each target's tokens."""
+    logp = torch.log_softmax(logits_at(model, batch).float(), dim=-1)
+    token_nll = -logp.gather(1, batch.targets[:, None])[:, 0]
+    per_seq = torch.zeros(len(batch.lengths), device=token_nll.device).index_add(0, batch.rows, token_nll)
+    return per_seq / torch.tensor(batch.lengths, device=token_nll.device, dtype=per_seq.dtype)

