@@ -1,0 +1,119 @@
+"""Checks every registered editor must pass, on tiny random GPT-2 and LLaMA models.
+
+Each editor needs an entry in ``TEST_SETTINGS`` (settings strong enough for a random tiny model);
+a newly registered editor without one fails ``test_every_editor_has_test_settings``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import Edit, available_editors, get_editor
+from editors.lm import collate_pairs, encode_pair, logits_at
+
+TEST_SETTINGS: dict[str, dict] = {
+    "ft_m": dict(layers=[1], lr=1e-2, steps=40),
+    "ft_l": dict(layers=[1], lr=2e-2, steps=40, norm_constraint=0.2),
+}
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _first_token_prediction(model, tokenizer, prompt: str, target: str) -> tuple[int, int]:
+    encoded = encode_pair(tokenizer, prompt, target)
+    batch = collate_pairs([encoded], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return int(logits_at(model, batch)[0].argmax()), encoded[1][0]
+
+
+def _apply(name, model, tokenizer, request):
+    editor_cls = get_editor(name)
+    return editor_cls().apply(model, tokenizer, [request], editor_cls.config_class(**TEST_SETTINGS[name]))
+
+
+def test_every_editor_has_test_settings():
+    assert set(available_editors()) <= set(TEST_SETTINGS), "add test settings for new editors"
+
+
+@pytest.fixture
+def single_token_request(request_factory):
+    # " Paris" is one token for the test tokenizer, so "predicts the target" is a single argmax.
+    return request_factory(target_new="Paris", target_true="French")
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
+def test_edit_changes_prediction_and_reverts_exactly(name, tiny_model, tokenizer, single_token_request):
+    req = single_token_request
+    before_pred, target = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
+    assert before_pred != target, "test premise: the random model does not already predict the target"
+    before = _params(tiny_model)
+
+    edit = _apply(name, tiny_model, tokenizer, req)
+    assert edit.is_applied
+    after_pred, _ = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
+    assert after_pred == target
+
+    changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "the edit changed nothing"
+    assert changed <= set(edit.param_names), f"changed undeclared parameters: {changed - set(edit.param_names)}"
+
+    edit.revert(tiny_model)
+    for n, p in tiny_model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored bit-exactly"
+    assert _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)[0] == before_pred
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
+def test_save_load_round_trip(name, tiny_model, tokenizer, single_token_request, tmp_path):
+    edit = _apply(name, tiny_model, tokenizer, single_token_request)
+    edited = _params(tiny_model)
+    edit.save(tmp_path / "edit")
+    edit.revert(tiny_model)
+
+    loaded = Edit.load(tmp_path / "edit")
+    assert loaded.editor == name and loaded.case_ids == [single_token_request.case_id]
+    assert loaded.param_names == edit.param_names
+    with loaded.applied(tiny_model):
+        for n, p in tiny_model.named_parameters():
+            assert torch.equal(p, edited[n]), f"{n} differs after load + apply"
+    assert not loaded.is_applied
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
+def test_batch_of_requests(name, tiny_model, tokenizer, request_factory):
+    editor_cls = get_editor(name)
+    if not editor_cls.supports_batch:
+        pytest.skip(f"{name} edits one request per call")
+    requests = [
+        request_factory("a", target_new="Paris"),
+        request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Rome", target_true="Rome"),
+    ]
+    before = _params(tiny_model)
+    edit = editor_cls().apply(tiny_model, tokenizer, requests, editor_cls.config_class(**TEST_SETTINGS[name]))
+    assert edit.case_ids == ["a", "b"]
+    edit.revert(tiny_model)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_ft_l_respects_norm_constraint(tiny_model, tokenizer, single_token_request):
+    eps = 1e-3
+    cfg = get_editor("ft_l").config_class(layers=[1], lr=1e-2, steps=5, norm_constraint=eps)
+    edit = get_editor("ft_l")().apply(tiny_model, tokenizer, [single_token_request], cfg)
+    for delta in edit.deltas.values():
+        assert delta.dense().abs().max() <= eps * (1 + 1e-5)
+
+
+def test_ft_edits_only_the_configured_layers(tiny_model, tokenizer, single_token_request):
+    cfg = get_editor("ft_m").config_class(layers=[0, 2], lr=1e-2, steps=3)
+    edit = get_editor("ft_m")().apply(tiny_model, tokenizer, [single_token_request], cfg)
+    names = edit.param_names
+    assert len(names) == 2 and all(name.endswith("weight") for name in names)
+    assert any(".0." in n for n in names) and any(".2." in n for n in names)
+
+
+def test_unknown_editor_lists_available():
+    with pytest.raises(KeyError, match="ft_m"):
+        get_editor("nope")
