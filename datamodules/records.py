@@ -539,11 +539,8 @@ def parse_record(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<r
 
 
 def _problems(fields: dict[str, Any]) -> list[tuple[str, str]]:
-    """:meth:`EditRequest.problems` for fields that do not make a valid request (no validation on build)."""
-    unchecked = object.__new__(EditRequest)
-    for f in dataclasses.fields(EditRequest):
-        object.__setattr__(unchecked, f.name, fields.get(f.name, f.default))
-    return unchecked.problems()
+    """:meth:`EditRequest.check_fields` for fields that do not make a valid request."""
+    return EditRequest.check_fields(fields)
 
 
 def _format_spec(format: str) -> _Format:

@@ -81,24 +81,32 @@ class EditRequest:
 
     def problems(self) -> list[tuple[str, str]]:
         """Every way this request is malformed, as ``(field, message)`` pairs."""
+        return self.check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def check_fields(cls, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """Problems of would-be request fields (missing ones take their defaults), without building it."""
+        row = {f.name: values.get(f.name, f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)}
         found: list[tuple[str, str]] = []
         for name in ("prompt", "subject", "target_new"):
-            value = getattr(self, name)
+            value = row[name]
             if not isinstance(value, str):
                 found.append((name, f"expected a string, got {type(value).__name__}"))
             elif not value.strip():
                 found.append((name, "is empty"))
-        if self.target_true is not None and not isinstance(self.target_true, str):
-            found.append(("target_true", f"expected a string, got {type(self.target_true).__name__}"))
-        if isinstance(self.prompt, str) and isinstance(self.subject, str) and self.subject.strip():
-            if self.subject not in self.prompt:
-                found.append(("subject", f"{self.subject!r} does not occur in prompt {self.prompt!r}"))
+        if row["target_true"] is not None and not isinstance(row["target_true"], str):
+            found.append(("target_true", f"expected a string, got {type(row['target_true']).__name__}"))
+        elif isinstance(row["target_true"], str) and not row["target_true"].strip():
+            found.append(("target_true", "is empty (an unknown true answer is null)"))
+        prompt, subject = row["prompt"], row["subject"]
+        if isinstance(prompt, str) and isinstance(subject, str) and subject.strip() and subject not in prompt:
+            found.append(("subject", f"{subject!r} does not occur in prompt {prompt!r}"))
         for name in ("rephrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
-            values = getattr(self, name)
-            if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
+            values_ = row[name]
+            if not isinstance(values_, tuple) or not all(isinstance(v, str) for v in values_):
                 found.append((name, "expected a list of strings"))
         for name in ("locality", "portability"):
-            for item in getattr(self, name):
+            for item in row[name]:
                 if not isinstance(item, QA) or not isinstance(item.prompt, str) or not isinstance(item.answer, str):
                     found.append((name, "expected prompt/answer strings"))
                 elif not item.answer.strip():
