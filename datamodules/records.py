@@ -34,7 +34,6 @@ Every bad record raises :class:`RecordError`, which names the file, the record's
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

@@ -15,9 +15,7 @@ import re
 from collections import Counter
 from typing import Any, ClassVar, Sequence
 
-import torch
-from torch import Tensor
-from torchmetrics import Metric
+from metrics.base import CaseAverage
 
 __all__ = ["word_tokenize", "ngram_entropy", "mean_ngram_entropy", "NGramEntropy"]
 
@@ -71,7 +69,7 @@ def mean_ngram_entropy(
     return sum(ngram_entropy(text, ns, weights) for text in texts) / len(texts)
 
 
-class NGramEntropy(Metric):
+class NGramEntropy(CaseAverage):
     """Mean over edit cases of :func:`mean_ngram_entropy` (ROME's fluency; Meng et al., 2022).
 
     Call ``update(texts)`` once per edit case with that case's generated texts. A case without
@@ -81,12 +79,6 @@ class NGramEntropy(Metric):
     """
 
     protocol: ClassVar[str] = "generation"
-    is_differentiable: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool] = True
-    full_state_update: ClassVar[bool] = False
-
-    score_sum: Tensor
-    cases: Tensor
 
     def __init__(self, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3), **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -94,17 +86,6 @@ class NGramEntropy(Metric):
             raise ValueError(f"need one weight per n, got ns={tuple(ns)} and weights={tuple(weights)}")
         self.ns = tuple(ns)
         self.weights = tuple(weights)
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, texts: Sequence[str]) -> None:
-        score = mean_ngram_entropy(texts, self.ns, self.weights)
-        if score is None:
-            return
-        self.score_sum += score
-        self.cases += 1
-
-    def compute(self) -> Tensor:
-        if self.cases == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.score_sum.device)
-        return self.score_sum / self.cases
+        self._add_case(mean_ngram_entropy(texts, self.ns, self.weights))

@@ -21,11 +21,11 @@ the function, so the per-case values and the aggregate can never disagree.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from metrics.base import CaseAverage
 
 __all__ = ["token_accuracy", "locality_agreement", "TokenAccuracy", "LocalityAgreement"]
 
@@ -79,41 +79,11 @@ def locality_agreement(post_predictions: Sequence[Tensor], pre_predictions: Sequ
     return _mean_positionwise_agreement(post_predictions, pre_predictions, ("post-edit predictions", "pre-edit predictions"))
 
 
-class _CaseAverage(Metric):
-    """Mean over edit cases of a per-case score; cases with nothing to score are not counted.
-
-    The states are a sum and a count, both reduced by summation, so they sync across processes
-    and merge with :meth:`~torchmetrics.Metric.merge_state`. ``compute()`` returns ``nan`` when no
-    case has been counted.
-    """
-
+class _TokenProtocol(CaseAverage):
     protocol: ClassVar[str] = "token"
-    is_differentiable: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool] = True
-    full_state_update: ClassVar[bool] = False
-
-    score_sum: Tensor
-    cases: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # float64 so that a single case's aggregate equals its per-case value exactly
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def _add_case(self, score: float | None) -> None:
-        if score is None:
-            return
-        self.score_sum += score
-        self.cases += 1
-
-    def compute(self) -> Tensor:
-        if self.cases == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.score_sum.device)
-        return self.score_sum / self.cases
 
 
-class TokenAccuracy(_CaseAverage):
+class TokenAccuracy(_TokenProtocol):
     """Mean over edit cases of :func:`token_accuracy` (EasyEdit's reliability, generalization
     and portability; Zhang et al., 2024).
 
@@ -126,7 +96,7 @@ class TokenAccuracy(_CaseAverage):
         self._add_case(token_accuracy(predictions, targets))
 
 
-class LocalityAgreement(_CaseAverage):
+class LocalityAgreement(_TokenProtocol):
     """Mean over edit cases of :func:`locality_agreement` (EasyEdit's locality; Zhang et al.,
     2024).
 

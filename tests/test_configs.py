@@ -35,8 +35,6 @@ def test_config_parses(path):
         settings = {k: v for k, v in vars(cfg.editor).items() if k != "name"}
         get_editor(cfg.editor.name).config_class(**settings)  # the editor accepts every value
     else:
-        from lightning.pytorch.cli import LightningCLI  # noqa: F401  (trainer YAMLs are LightningCLI's)
-
         data = yaml.safe_load(path.read_text())
         if "trainer" in data:
             from lightning.pytorch import Trainer
