@@ -9,9 +9,9 @@ Each batch holds three teacher-forced sub-batches built from the same requests::
         "case_id":   [str, ...],
     }
 
-Prompt and target are tokenized separately (the prompt with the tokenizer's usual special
-tokens, ``" " + target`` without any) and concatenated, so that ``labels`` is ``-100`` on the
-prompt and the padding and equals the target's own token ids everywhere else. Padding is on
+Prompt and target are tokenized by :func:`editors.lm.encode_pair`, the rule editing and
+evaluation use too, and concatenated, so that ``labels`` is ``-100`` on the prompt and the
+padding and equals the target's token ids everywhere else. Padding is on
 the right.
 """
 
@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from datamodules.records import load_requests, requests_to_dataset
 from datamodules.sources import resolve_source
 from editors.base import EditRequest
+from editors.lm import encode_pair
 
 if TYPE_CHECKING:
     import datasets
@@ -73,9 +74,9 @@ class EditTokenizer:
         }
         out: dict[str, list[list[int]]] = {}
         for part, (prompts, targets) in pairs.items():
-            prompt_ids = self.tokenizer(prompts)["input_ids"]
-            target_ids = self.tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
-            joined = [join_prompt_target(p, t, self.max_length) for p, t in zip(prompt_ids, target_ids)]
+            # The same prompt/target tokenization as editing and evaluation use.
+            encoded = [encode_pair(self.tokenizer, p, t) for p, t in zip(prompts, targets)]
+            joined = [join_prompt_target(p, t, self.max_length) for p, t in encoded]
             out[f"{part}_input_ids"] = [ids for ids, _ in joined]
             out[f"{part}_labels"] = [labels for _, labels in joined]
         return out
