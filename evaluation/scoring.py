@@ -215,6 +215,8 @@ class RunMetrics:
             prefix = "pre_" if stage == "pre" else ""
             values: dict[str, float] = {}
             for name, metric in metrics.items():
+                if metric.update_count == 0:  # never fed (e.g. no generations): nothing to report
+                    continue
                 if isinstance(metric, ProbabilityComparison):
                     out = metric.compute()
                     values[name], values[MAGNITUDE_KEYS[name]] = float(out["success"]), float(out["magnitude"])
