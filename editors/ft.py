@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FTConfig(EditorConfig):
-    layers: list[int] = field(default_factory=lambda: [10], metadata={"help": "indices of the blocks whose module is fine-tuned"})
+    # Layer 3 of SmolLM2-135M's 30: the best CounterFact score S of layers 2-20 on the demo set
+    # (scripts/sweep_ft_layers.sh); later layers generalise the edit to the whole relation.
+    layers: list[int] = field(default_factory=lambda: [3], metadata={"help": "indices of the blocks whose module is fine-tuned"})
     module: str = field(default="mlp_out", metadata={"help": "role in the architecture table to tune: mlp_out, mlp_in, attn_out, ..."})
     objective: str = field(
         default="target_tokens",
@@ -55,7 +57,9 @@ class FTConfig(EditorConfig):
 @dataclass
 class FTLConfig(FTConfig):
     objective: str = "prompt_last"
-    norm_constraint: float | None = 5e-4
+    # ROME bounded GPT-2 XL's weights by 5e-4; on SmolLM2-135M that bound leaves the edit at
+    # ES 0.07 on the demo set, 5e-3 reaches ES 0.93 (scripts/sweep_ft_layers.sh).
+    norm_constraint: float | None = 5e-3
 
 
 @dataclass
