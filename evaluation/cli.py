@@ -10,6 +10,7 @@ editor's name under ``editor.name``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -77,14 +78,14 @@ def build_parser(editor_name: str) -> ArgumentParser:
     parser.add_argument("--data", type=str, default="counterfact-demo", help="data file (format detected) or a named set: counterfact-demo, zsre-demo, counterfact, zsre")
     parser.add_argument("--format", type=Optional[str], default=None, help="counterfact, counterfact_easyedit, zsre or knowedit (default: detect)")
     parser.add_argument("--limit", type=Optional[int], default=None, help="use the first N valid records")
-    parser.add_argument("--skip_invalid", type=bool, default=False, help="report and skip malformed records instead of stopping")
+    parser.add_argument("--skip_invalid", "--skip-invalid", type=bool, default=False, nargs="?", const=True, help="report and skip malformed records instead of stopping")
     parser.add_argument("--mode", type=str, default="single", choices=MODES, help="single: edit, score, revert each case; batch: several per call; sequential: edits accumulate")
-    parser.add_argument("--edits_per_call", type=int, default=1, help="requests per editor call in batch and sequential modes")
+    parser.add_argument("--edits_per_call", "--edits-per-call", type=int, default=1, help="requests per editor call in batch and sequential modes")
     parser.add_argument("--out", type=Optional[str], default=None, help="output folder (default runs/<editor>_<data>_<mode>); an unfinished run there is resumed")
-    parser.add_argument("--overwrite", type=bool, default=False, help="discard results already in --out instead of resuming")
+    parser.add_argument("--overwrite", type=bool, default=False, nargs="?", const=True, help="discard results already in --out instead of resuming")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", type=str, default="float32", help="float32 (default), bfloat16, float16")
-    parser.add_argument("--trust_remote_code", type=bool, default=False, help="allow custom model code from the hub (off unless asked)")
+    parser.add_argument("--trust_remote_code", "--trust-remote-code", type=bool, default=False, nargs="?", const=True, help="allow custom model code from the hub (off unless asked)")
     parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
     parser.add_class_arguments(EvalConfig, "eval", help="how edits are scored")
     return parser
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from datamodules import RecordError, load_requests
+    from datamodules import RecordError, load_requests, validate_records
     from evaluation.models import ModelLoadError, load_model
     from evaluation.report import summary_table
 
@@ -143,8 +144,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_config = EvalConfig(**vars(cfg.eval))
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
 
+    skipped: list[str] = []
     try:
-        requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit, skip_invalid=cfg.skip_invalid)
+        if cfg.skip_invalid:
+            requests, errors = validate_records(cfg.data, format=cfg.format, limit=cfg.limit)
+            skipped = [str(err) for err in errors]
+            for message in skipped:
+                logger.warning("skipped: %s", message)
+        else:
+            requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit)
     except (RecordError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"edit.py: error: {err}")
     if not requests:
@@ -169,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress=cfg.progress,
     )
     summary = run.run()
+    if skipped:
+        summary["skipped_records"] = skipped
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"
     print(summary_table(summary, title))
     print(f"results: {out}/summary.json, {out}/cases.jsonl, TensorBoard: {out}/tensorboard")

@@ -158,8 +158,10 @@ def test_cli_reports_bad_records_with_file_index_and_field(model_dir, counterfac
         _cli(model_dir, counterfact_file, tmp_path / "bad")
     message = str(err.value)
     assert "cf.json" in message and "record 1" in message and "target_new" in message
-    summary = _cli(model_dir, counterfact_file, tmp_path / "skipping", "--skip_invalid", "true")
+    summary = _cli(model_dir, counterfact_file, tmp_path / "skipping", "--skip-invalid")
     assert summary["cases"] == 1
+    assert len(summary["skipped_records"]) == 1 and "target_new" in summary["skipped_records"][0]
+    assert json.loads((tmp_path / "skipping" / "summary.json").read_text())["skipped_records"] == summary["skipped_records"]
 
 
 def test_cli_unknown_editor_and_missing_model(model_dir, counterfact_file, tmp_path):
