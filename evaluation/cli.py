@@ -97,7 +97,10 @@ def _default_out(cfg: Namespace) -> Path:
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
+    # In sequential mode every case is scored on the model carrying all edits, so the number of
+    # cases (limit) is part of what was measured and must not change on resumption.
+    free = RESUMABLE_CHANGES - {"limit"} if cfg.get("mode") == "sequential" else RESUMABLE_CHANGES
+    return {k: v for k, v in cfg.items() if k not in free}
 
 
 def prepare_out(parser: ArgumentParser, cfg: Namespace, out: Path) -> None:

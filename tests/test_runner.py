@@ -148,6 +148,11 @@ def test_cli_end_to_end(model_dir, counterfact_file, tmp_path, capsys):
     # Different settings into the same folder: refused with the differing key named.
     with pytest.raises(SystemExit, match="editor"):
         _cli(model_dir, counterfact_file, out, "--editor.lr", "0.1")
+    # A larger --limit extends a single-mode run; in sequential mode it would change what was measured.
+    assert _cli(model_dir, counterfact_file, out, "--limit", "1")["cases"] == 1
+    _cli(model_dir, counterfact_file, tmp_path / "seq", "--mode", "sequential", "--limit", "1")
+    with pytest.raises(SystemExit, match="limit"):
+        _cli(model_dir, counterfact_file, tmp_path / "seq", "--mode", "sequential", "--limit", "2")
 
 
 def test_cli_reports_bad_records_with_file_index_and_field(model_dir, counterfact_file, tmp_path):
