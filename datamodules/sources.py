@@ -60,13 +60,13 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
         "counterfact-demo": Source(
             name="counterfact-demo",
             format="counterfact",
-            filename="counterfact_demo.json",
+            filename="demo_counterfact.json",
             description="a few CounterFact records (ROME format) shipped with the package",
         ),
         "zsre-demo": Source(
             name="zsre-demo",
             format="zsre",
-            filename="zsre_demo.json",
+            filename="demo_zsre.json",
             description="a few zsRE records (MEND format) shipped with the package",
         ),
         "counterfact": Source(

@@ -201,8 +201,8 @@ def main(argv=None):
     ap.add_argument("--gguf-file", default=GGUF_NAME,
                     help=f"GGUF file inside --model-dir (default {GGUF_NAME}); pass '' for a "
                          "save_pretrained folder")
-    ap.add_argument("--counterfact", default=str(DEMO / "counterfact_demo.json"))
-    ap.add_argument("--zsre", default=str(DEMO / "zsre_demo.json"))
+    ap.add_argument("--counterfact", default=str(DEMO / "demo_counterfact.json"))
+    ap.add_argument("--zsre", default=str(DEMO / "demo_zsre.json"))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1; more threads are slower on a busy machine)")
     args = ap.parse_args(argv)
 

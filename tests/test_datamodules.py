@@ -44,8 +44,8 @@ from datamodules.sources import (
 def test_demo_names_resolve_inside_the_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     package = Path(datamodules.__file__).resolve().parent
-    assert source_path(SOURCES["counterfact-demo"]) == package / "demo" / "counterfact_demo.json"
-    assert source_path(SOURCES["zsre-demo"]) == package / "demo" / "zsre_demo.json"
+    assert source_path(SOURCES["counterfact-demo"]) == package / "demo" / "demo_counterfact.json"
+    assert source_path(SOURCES["zsre-demo"]) == package / "demo" / "demo_zsre.json"
     assert (SOURCES["counterfact-demo"].format, SOURCES["zsre-demo"].format) == ("counterfact", "zsre")
 
 
