@@ -83,6 +83,34 @@ def trace(
             handle.remove()
 
 
+class StopForward(Exception):
+    """Raised by :func:`run_until_input` once the wanted input is captured."""
+
+
+def run_until_input(model: nn.Module, module_name: str, **inputs: Any) -> torch.Tensor:
+    """The first positional input of ``module_name``, running the model only as far as that module.
+
+    Whatever comes after the module (later layers, the unembedding) is skipped, which makes
+    statistics of an early layer's keys many times cheaper than a full forward pass.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        captured.append(_first_tensor(args).detach())
+        raise StopForward
+
+    handle = get_module(model, module_name).register_forward_pre_hook(hook)
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"module {module_name!r} was not called during the forward pass")
+    return captured[0]
+
+
 @contextlib.contextmanager
 def edit_output(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the (first) output tensor of ``module_name`` by ``fn(output)`` inside the block."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.hooks import edit_input, edit_output, trace
+from editors.hooks import edit_input, edit_output, run_until_input, trace
 from editors.targets import get_module, get_targets, weight_as_out_in
 
 
@@ -59,3 +59,20 @@ def test_trace_without_detach_keeps_gradients(tiny_model, tokenizer):
         tiny_model(input_ids=_ids(tokenizer))
     traced[name].output.sum().backward()
     assert get_module(tiny_model, name).weight.grad is not None
+
+
+def test_run_until_input_matches_trace_and_skips_the_rest(tiny_model, tokenizer):
+    targets = get_targets(tiny_model)
+    name = targets.layer("mlp_out", 0)
+    later = get_module(tiny_model, targets.layer("mlp", 2))
+    calls = []
+    handle = later.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad(), trace(tiny_model, [name]) as traced:
+        tiny_model(input_ids=_ids(tokenizer))
+    assert calls == [1]
+    with torch.no_grad():
+        keys = run_until_input(tiny_model, name, input_ids=_ids(tokenizer))
+    handle.remove()
+    assert calls == [1], "layers after the module still ran"
+    assert torch.equal(keys, traced[name].input)
+    assert not get_module(tiny_model, name)._forward_pre_hooks
