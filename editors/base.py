@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -170,12 +169,6 @@ class ParamDelta:
         if self.delta is not None:
             return {"delta": self.delta}
         return {"left": self.left, "right": self.right}
-
-
-def _fingerprint(tensor: torch.Tensor) -> str:
-    """A short hash of a tensor's exact bytes, to recognise the weights an edit was made on."""
-    data = tensor.detach().to("cpu").contiguous()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 _EDIT_KINDS: dict[str, type["Edit"]] = {}

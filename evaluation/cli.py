@@ -10,7 +10,6 @@ editor's name under ``editor.name``.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -178,11 +177,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         edits_per_call=cfg.edits_per_call,
         eval_config=eval_config,
         progress=cfg.progress,
+        info={"skipped_records": skipped} if skipped else None,
     )
     summary = run.run()
-    if skipped:
-        summary["skipped_records"] = skipped
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"
     print(summary_table(summary, title))
     print(f"results: {out}/summary.json, {out}/cases.jsonl, TensorBoard: {out}/tensorboard")

@@ -120,9 +120,13 @@ def resolve(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    return _tokenizer_from(resolve(name_or_path), trust_remote_code)
+
+
+def _tokenizer_from(source: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -164,5 +168,5 @@ def load_model(
         model.to(pick_device(device))
     model.eval()
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = _tokenizer_from(source, trust_remote_code)
     return model, tokenizer

@@ -22,12 +22,8 @@ ROWS = (
 )
 
 
-def _fmt(value: float | None, key: str) -> str:
-    if value is None:
-        return "-"
-    if key == "fluency":
-        return f"{value:.3f}"
-    return f"{value:.3f}"
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def summary_table(summary: dict[str, Any], title: str = "") -> str:
@@ -41,7 +37,7 @@ def summary_table(summary: dict[str, Any], title: str = "") -> str:
         pre, post = metrics.get(f"pre_{key}"), metrics.get(key)
         if pre is None and post is None:
             continue
-        lines.append(f"{key:<16}{PROTOCOLS[key]:<13}{_fmt(pre, key):>8}{_fmt(post, key):>8}   {meaning}")
+        lines.append(f"{key:<16}{PROTOCOLS[key]:<13}{_fmt(pre):>8}{_fmt(post):>8}   {meaning}")
     lines.append("-" * len(header))
     if "seconds_per_edit" in metrics:
         lines.append(

@@ -102,6 +102,7 @@ class EditRun:
         edits_per_call: int = 1,
         eval_config: EvalConfig | None = None,
         progress: bool = True,
+        info: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -117,6 +118,7 @@ class EditRun:
         self.progress = progress
         self.device = model_device(model)
         self.cases_path = self.out / "cases.jsonl"
+        self.info = dict(info or {})  # extra run facts for summary.json (e.g. skipped records)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -229,6 +231,7 @@ class EditRun:
             "wall_seconds_this_invocation": wall_seconds,
             "metrics": flat,
             "protocols": protocols_of(flat),
+            **self.info,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self._tensorboard(records, flat)

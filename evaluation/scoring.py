@@ -148,19 +148,35 @@ def _ids(items: list[dict[str, Any]], key: str) -> list[torch.Tensor]:
     return [torch.tensor(item[key], dtype=torch.long) for item in items]
 
 
+def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, tuple]:
+    """The arguments each metric receives for one case: the one map from raw groups to metrics.
+
+    ``reference`` is the unedited model's raw measurements; locality exists only with it.
+    """
+    inputs: dict[str, tuple] = {group: (_ids(raw[group], "pred"), _ids(raw[group], "target")) for group in ("reliability", "generalization", "portability")}
+    if reference is not None:
+        inputs["locality"] = (_ids(raw["locality"], "pred"), _ids(reference["locality"], "pred"))
+    for group in PROBABILITY_GROUPS:
+        if group in raw:
+            inputs[group] = (torch.tensor(raw[group]["nll_new"]), torch.tensor(raw[group]["nll_true"]))
+    if "fluency" in raw:
+        inputs["fluency"] = (raw["fluency"]["texts"],)
+    return inputs
+
+
 def case_scores(raw: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, float | None]:
     """Per-case scores from raw measurements; ``reference`` is the unedited model's (for locality)."""
     scores: dict[str, float | None] = {}
-    for group in ("reliability", "generalization", "portability"):
-        scores[group] = token_accuracy(_ids(raw[group], "pred"), _ids(raw[group], "target"))
-    if reference is not None:
-        scores["locality"] = locality_agreement(_ids(raw["locality"], "pred"), _ids(reference["locality"], "pred"))
-    for group, expect in PROBABILITY_GROUPS.items():
-        if group in raw:
-            result = probability_comparison(torch.tensor(raw[group]["nll_new"]), torch.tensor(raw[group]["nll_true"]), expect)
-            scores[group], scores[MAGNITUDE_KEYS[group]] = result if result is not None else (None, None)
-    if "fluency" in raw:
-        scores["fluency"] = mean_ngram_entropy(raw["fluency"]["texts"])
+    for name, args in metric_inputs(raw, reference).items():
+        if name in PROBABILITY_GROUPS:
+            result = probability_comparison(*args, PROBABILITY_GROUPS[name])
+            scores[name], scores[MAGNITUDE_KEYS[name]] = result if result is not None else (None, None)
+        elif name == "locality":
+            scores[name] = locality_agreement(*args)
+        elif name == "fluency":
+            scores[name] = mean_ngram_entropy(*args)
+        else:
+            scores[name] = token_accuracy(*args)
     return scores
 
 
@@ -191,17 +207,9 @@ class RunMetrics:
         self.cases += 1
         pre_raw = record["pre"]["raw"]
         for stage in ("pre", "post"):
-            raw = record[stage]["raw"]
-            metrics = self.stages[stage]
-            for group in ("reliability", "generalization", "portability"):
-                metrics[group].update(_ids(raw[group], "pred"), _ids(raw[group], "target"))
-            if stage == "post":
-                metrics["locality"].update(_ids(raw["locality"], "pred"), _ids(pre_raw["locality"], "pred"))
-            for group in PROBABILITY_GROUPS:
-                if group in raw:
-                    metrics[group].update(torch.tensor(raw[group]["nll_new"]), torch.tensor(raw[group]["nll_true"]))
-            if "fluency" in raw:
-                metrics["fluency"].update(raw["fluency"]["texts"])
+            reference = pre_raw if stage == "post" else None
+            for name, args in metric_inputs(record[stage]["raw"], reference).items():
+                self.stages[stage][name].update(*args)
         if record.get("seconds") is not None:
             self.seconds.update(record["seconds"])
             self.seconds_all.update(record["seconds"])
