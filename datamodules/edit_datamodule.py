@@ -105,6 +105,25 @@ class EditCollator:
         return batch
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A shuffled order that depends only on ``seed`` and the epoch (Lightning calls
+    ``set_epoch``), so a run resumed from a checkpoint sees the batches an uninterrupted run
+    would have seen."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded train/validation split of ``range(n)``; both lists keep the file order.
 
@@ -235,12 +254,10 @@ class EditDataModule(LightningDataModule):
     def _loader(self, dataset: "datasets.Dataset | None", shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             collate_fn=EditCollator(self.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -5,5 +5,8 @@ from . import ft  # noqa: F401  (registers ft_l, ft_m)
 from . import kn  # noqa: F401  (registers kn)
 from . import rome  # noqa: F401  (registers rome)
 from . import memit  # noqa: F401  (registers memit, pmet, alphaedit)
+from . import ke  # noqa: F401  (registers ke)
+from . import mend  # noqa: F401  (registers mend)
+from . import serac  # noqa: F401  (registers serac)
 
 __all__ = ["QA", "Edit", "EditError", "Editor", "EditorConfig", "EditRequest", "ParamDelta", "available_editors", "get_editor", "register_editor"]

@@ -73,8 +73,11 @@ def model_fingerprint(model: torch.nn.Module, values_per_tensor: int = 4096) -> 
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):
+        # Where the model was loaded from and by which library version do not change its
+        # outputs: the same weights loaded from another path share their cached statistics.
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
         stride = max(1, flat.numel() // values_per_tensor)

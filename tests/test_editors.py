@@ -1,7 +1,10 @@
 """Checks every registered editor must pass, on tiny random GPT-2 and LLaMA models.
 
 Each editor needs an entry in ``TEST_SETTINGS`` (settings strong enough for a random tiny model);
-a newly registered editor without one fails ``test_every_editor_has_test_settings``.
+a newly registered editor without one fails ``test_every_editor_has_test_settings``. Learned
+editors whose untrained network cannot edit at all (SERAC routes to an untrained copy of the
+model) are checked with a network trained for a few seconds on the requests edited here
+(``TRAINED``). Edits that change no weights (memories, hooks) are checked on the model's outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ TEST_SETTINGS: dict[str, dict] = {
     "ft_m": dict(layers=[1], lr=1e-2, steps=40),
     "ft_l": dict(layers=[1], lr=2e-2, steps=40, norm_constraint=0.2),
     "kn": dict(lambda_new=100.0, max_neurons=10),  # a tiny random model's activations are small: a large lambda_2
+    "serac": dict(classifier_layer=1, embedding_dim=16, cf_layers=2),  # with a network trained on the requests below (TRAINED)
+    "mend": dict(layers=[-2, -1], rank=8, n_hidden=1, edit_lr_init=3.0),  # untrained MEND is one gradient step of size edit_lr_init
+    "ke": dict(step_size=3.0),  # untrained KE is one gradient step of size step_size; tiny random models have tiny gradients
     # Locate-then-edit: a tiny random model has small MLP outputs, so the norm penalty and clamp
     # (relative to them) are lifted; key statistics come from 8 short texts sampled from the model.
     "rome": dict(layer=1, v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, stats_samples=8, stats_max_length=16),
@@ -27,6 +33,55 @@ TEST_SETTINGS: dict[str, dict] = {
     "pmet": dict(layers=[0, 1], v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, mom2_update_weight=1e-3, stats_samples=8, stats_max_length=16),
     "alphaedit": dict(layers=[0, 1], v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, nullspace_threshold=1e6, l2=1e-3, stats_samples=8, stats_max_length=16),
 }
+
+
+def _trained_serac(model, tokenizer, root):
+    from test_serac import train_serac
+
+    return train_serac(model, tokenizer, _requests(), root)[1]
+
+
+# Editors checked with a trained network: name -> function(model, tokenizer, folder) -> checkpoint.
+TRAINED = {"serac": _trained_serac}
+
+
+def _requests():
+    from conftest import make_request
+
+    return [
+        make_request(target_new="Paris", target_true="French"),
+        make_request("b", prompt="The capital of Italy is", subject="Italy", target_new="Rome", target_true="Rome"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer):
+    """Trained networks of the editors in TRAINED, one per tiny architecture, built on demand."""
+    from conftest import build_gpt2, build_llama
+
+    built: dict[tuple[str, str], str] = {}
+
+    def get(name: str, model) -> str:
+        arch = model.config.model_type
+        if (name, arch) not in built:
+            base = (build_gpt2 if arch == "gpt2" else build_llama)(len(tokenizer))
+            built[name, arch] = str(TRAINED[name](base, tokenizer, tmp_path_factory.mktemp(f"{name}-{arch}")))
+        return built[name, arch]
+
+    return get
+
+
+def _config(name, model, checkpoints):
+    settings = dict(TEST_SETTINGS[name])
+    if name in TRAINED:
+        settings["checkpoint"] = checkpoints(name, model)
+    return get_editor(name).config_class(**settings)
+
+
+def _probe_logits(model, tokenizer) -> torch.Tensor:
+    pairs = [encode_pair(tokenizer, p, t) for p, t in [("The mother tongue of Danielle Darrieux is", "Paris"), ("The capital of Italy is", "Rome"), ("Angola is located in", "Africa")]]
+    with torch.no_grad():
+        return logits_at(model, collate_pairs(pairs, tokenizer.pad_token_id))
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -52,9 +107,8 @@ def _for(name, request):
     return request
 
 
-def _apply(name, model, tokenizer, request):
-    editor_cls = get_editor(name)
-    return editor_cls().apply(model, tokenizer, [request], editor_cls.config_class(**TEST_SETTINGS[name]))
+def _apply(name, model, tokenizer, request, checkpoints):
+    return get_editor(name)().apply(model, tokenizer, [request], _config(name, model, checkpoints))
 
 
 def test_every_editor_has_test_settings():
@@ -68,32 +122,35 @@ def single_token_request(request_factory):
 
 
 @pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
-def test_edit_changes_prediction_and_reverts_exactly(name, tiny_model, tokenizer, single_token_request):
+def test_edit_changes_prediction_and_reverts_exactly(name, tiny_model, tokenizer, single_token_request, checkpoints):
     req = _for(name, single_token_request)
     before_pred, target = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
     assert before_pred != target, "test premise: the random model does not already predict the target"
-    before = _params(tiny_model)
+    before, before_logits = _params(tiny_model), _probe_logits(tiny_model, tokenizer)
 
-    edit = _apply(name, tiny_model, tokenizer, req)
+    edit = _apply(name, tiny_model, tokenizer, req, checkpoints)
     assert edit.is_applied
     after_pred, _ = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
     assert after_pred == target
 
     changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed, "the edit changed nothing"
     assert changed <= set(edit.param_names), f"changed undeclared parameters: {changed - set(edit.param_names)}"
+    if edit.param_names:
+        assert changed, "the edit changed no weight"
+    else:  # a memory or hook edit: the outputs change instead
+        assert not torch.equal(_probe_logits(tiny_model, tokenizer), before_logits), "the edit changed nothing"
 
     edit.revert(tiny_model)
     for n, p in tiny_model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} not restored bit-exactly"
-    assert _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)[0] == before_pred
+    assert torch.equal(_probe_logits(tiny_model, tokenizer), before_logits), "outputs not restored bit-exactly"
 
 
 @pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
-def test_save_load_round_trip(name, tiny_model, tokenizer, single_token_request, tmp_path):
+def test_save_load_round_trip(name, tiny_model, tokenizer, single_token_request, tmp_path, checkpoints):
     single_token_request = _for(name, single_token_request)
-    edit = _apply(name, tiny_model, tokenizer, single_token_request)
-    edited = _params(tiny_model)
+    edit = _apply(name, tiny_model, tokenizer, single_token_request, checkpoints)
+    edited, edited_logits = _params(tiny_model), _probe_logits(tiny_model, tokenizer)
     edit.save(tmp_path / "edit")
     edit.revert(tiny_model)
 
@@ -103,11 +160,12 @@ def test_save_load_round_trip(name, tiny_model, tokenizer, single_token_request,
     with loaded.applied(tiny_model):
         for n, p in tiny_model.named_parameters():
             assert torch.equal(p, edited[n]), f"{n} differs after load + apply"
+        assert torch.equal(_probe_logits(tiny_model, tokenizer), edited_logits), "outputs differ after load + apply"
     assert not loaded.is_applied
 
 
 @pytest.mark.parametrize("name", sorted(TEST_SETTINGS))
-def test_batch_of_requests(name, tiny_model, tokenizer, request_factory):
+def test_batch_of_requests(name, tiny_model, tokenizer, request_factory, checkpoints):
     editor_cls = get_editor(name)
     if not editor_cls.supports_batch:
         pytest.skip(f"{name} edits one request per call")
@@ -115,11 +173,12 @@ def test_batch_of_requests(name, tiny_model, tokenizer, request_factory):
         request_factory("a", target_new="Paris"),
         request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Rome", target_true="Rome"),
     ]
-    before = _params(tiny_model)
-    edit = editor_cls().apply(tiny_model, tokenizer, requests, editor_cls.config_class(**TEST_SETTINGS[name]))
+    before, before_logits = _params(tiny_model), _probe_logits(tiny_model, tokenizer)
+    edit = editor_cls().apply(tiny_model, tokenizer, requests, _config(name, tiny_model, checkpoints))
     assert edit.case_ids == ["a", "b"]
     edit.revert(tiny_model)
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+    assert torch.equal(_probe_logits(tiny_model, tokenizer), before_logits)
 
 
 def test_ft_l_respects_norm_constraint(tiny_model, tokenizer, single_token_request):

@@ -59,6 +59,16 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_model, tokenizer, tmp_path):
     assert model_fingerprint(tiny_model) == fingerprint
 
 
+def test_fingerprint_ignores_where_the_model_came_from(tiny_model):
+    fingerprint = model_fingerprint(tiny_model)
+    tiny_model.config._name_or_path = "/somewhere/else"
+    tiny_model.config.transformers_version = "0.0.1"
+    assert model_fingerprint(tiny_model) == fingerprint
+    tiny_model.config.layer_norm_epsilon = 0.5  # a setting that changes the outputs does count
+    tiny_model.config.rms_norm_eps = 0.5
+    assert model_fingerprint(tiny_model) != fingerprint
+
+
 def test_damaged_cache_is_recomputed(tiny_model, tokenizer, tmp_path):
     name = get_targets(tiny_model).layer("mlp_out", 1)
     args = dict(corpus_id="unit", cache_dir=tmp_path, max_texts=10, progress=False)

@@ -1,0 +1,52 @@
+"""MEND as an editor: the fine-tuning gradient of the edit, transformed by the trained network.
+
+Mitchell, Lin, Bosselut, Finn, Manning (2022), "Fast Model Editing at Scale" (ICLR). The edit is
+``W~ = W - alpha_l sum_i delta~_i u~_i^T`` for every edited module (eq. 3), stored as its factors:
+rank at most the number of tokens of the edit requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from editors.base import Edit, Editor, EditRequest, register_editor
+from editors.learned import LearnedEditorMixin, edited_modules, gradient_pieces, module_shape, request_batches
+from editors.lm import model_device
+from editors.rome.editor import factors_in_param_layout
+from editors.targets import get_module, get_parameter_name
+
+from .config import MENDConfig
+from .network import MENDNetwork
+
+
+@register_editor("mend", MENDConfig)
+class MEND(LearnedEditorMixin, Editor):
+    """Edits with MEND's gradient transform; untrained (no checkpoint) it is one gradient step."""
+
+    def __init__(self) -> None:
+        LearnedEditorMixin.__init__(self)
+
+    def network_modules(self, model: nn.Module, config: MENDConfig) -> list[str]:
+        return edited_modules(model, config.roles, config.layers, config.targets)
+
+    def build_network(self, model: nn.Module, tokenizer: Any, config: MENDConfig) -> MENDNetwork:
+        modules = {name: module_shape(model, name) for name in self.network_modules(model, config)}
+        return MENDNetwork(modules, config.rank, config.n_hidden, config.edit_lr_init)
+
+    def apply(self, model, tokenizer, requests: Sequence[EditRequest], config: MENDConfig) -> Edit:
+        self.check_requests(requests)
+        network = self.network(model, tokenizer, config)
+        modules = network.module_names
+        batch = request_batches(tokenizer, requests, model_device(model))
+        loss, pieces = gradient_pieces(model, batch, modules)
+        with torch.no_grad():
+            factors = network.factors(pieces)
+        deltas = {
+            get_parameter_name(model, name): factors_in_param_layout(get_module(model, name), left.float().cpu(), right.float().cpu())
+            for name, (left, right) in factors.items()
+        }
+        info = {"edit_loss_before": float(loss), "edit_lrs": network.edit_lrs(), "tokens": int(batch["attention_mask"].sum())}
+        return Edit(self.name, deltas, [r.case_id for r in requests], config.to_dict(), info).apply(model)

@@ -1,0 +1,145 @@
+"""MEND's gradient transform (Mitchell et al., 2022, "Fast Model Editing at Scale", section 3).
+
+The fine-tuning gradient of a linear layer on a sequence is a sum of rank-one pieces,
+``dL/dW = sum_i delta_i u_i^T`` (eq. 1: ``u_i`` the layer input and ``delta_i`` the gradient of
+the output at token ``i``). MEND maps each pair to a new pair with a small network ``g``:
+
+    (u~_i, delta~_i) = g(u_i, delta_i)          (eq. 2, on the concatenation [u_i; delta_i])
+    grad~W = sum_i delta~_i u~_i^T              (eq. 3, the pseudo-gradient)
+    W~ = W - alpha_l grad~W                     (alpha_l: a learned step size per edited module)
+
+``g`` is a stack of residual MLP layers ``z <- z + A act(B z)`` whose output matrix ``A`` starts
+at zero, so the untrained transform is the identity and untrained MEND is one step of gradient
+descent with step ``alpha``. One transform is shared by all modules of the same shape, with a
+learned per-module scale and shift of its input (MEND's "mode" conditioning).
+
+Two choices of this implementation, both about scale:
+* inputs are standardised with running token statistics gathered while training (as MEND does),
+  and the outputs are mapped back to the inputs' scale, so the identity initialisation is exactly
+  a gradient step whatever the statistics are, and training starts from that step;
+* ``alpha`` is stored as its logarithm, so training changes the step multiplicatively
+  (the gradients of different models differ by orders of magnitude).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from editors.learned import GradientPieces
+
+
+class RunningStandardizer(nn.Module):
+    """Per-feature running mean and variance over all tokens seen in training mode (Chan et al.'s
+    parallel update); identity until it has seen two tokens."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta**2 * (self.count * n / total)
+        self.count.copy_(total)
+
+    def moments(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count < 2:
+            return torch.zeros_like(self.mean, dtype=dtype), torch.ones_like(self.mean, dtype=dtype)
+        std = (self.m2 / (self.count - 1)).clamp_min(1e-30).sqrt()
+        return self.mean.to(dtype), std.to(dtype)
+
+
+class ResidualMLP(nn.Module):
+    """``z + A act(B z)`` with ``A`` initialised to zero (the identity map)."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.up(torch.relu(self.down(z)))
+
+
+class GradientTransform(nn.Module):
+    """``g`` of eq. 2 for one weight shape ``[d_out, d_in]``, shared by ``n_modes`` modules."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, n_hidden: int, n_modes: int) -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        dim = d_in + d_out
+        self.u_stats = RunningStandardizer(d_in)
+        self.delta_stats = RunningStandardizer(d_out)
+        self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
+        self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
+        self.layers = nn.Sequential(*[ResidualMLP(dim, rank) for _ in range(n_hidden)])
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            self.u_stats.update(u)
+            self.delta_stats.update(delta)
+        dtype = self.mode_scale.dtype
+        u_mean, u_std = self.u_stats.moments(dtype)
+        d_mean, d_std = self.delta_stats.moments(dtype)
+        z = torch.cat([(u.to(dtype) - u_mean) / u_std, (delta.to(dtype) - d_mean) / d_std], dim=-1)
+        h = z * self.mode_scale[mode] + self.mode_shift[mode]
+        # Only what the residual layers add is kept, so at initialisation the output is the input.
+        z = z + (self.layers(h) - h)
+        return z[:, : self.d_in] * u_std + u_mean, z[:, self.d_in :] * d_std + d_mean
+
+
+class MENDNetwork(nn.Module):
+    """The gradient transforms of all edited modules and their step sizes.
+
+    ``modules`` maps each edited module name to its ``(d_out, d_in)``; modules of one shape share
+    a transform. Parameter names use the module's index, not its name, so a checkpoint does not
+    depend on the module naming (the signature in the checkpoint records the names).
+    """
+
+    def __init__(self, modules: Mapping[str, tuple[int, int]], rank: int, n_hidden: int, edit_lr_init: float) -> None:
+        super().__init__()
+        self.module_names = list(modules)
+        shapes = list(dict.fromkeys(tuple(shape) for shape in modules.values()))
+        self.shape_of = {name: shapes.index(tuple(shape)) for name, shape in modules.items()}
+        self.mode_of: dict[str, int] = {}
+        counts = [0] * len(shapes)
+        for name in self.module_names:
+            self.mode_of[name] = counts[self.shape_of[name]]
+            counts[self.shape_of[name]] += 1
+        self.transforms = nn.ModuleList(
+            GradientTransform(d_in, d_out, rank, n_hidden, counts[i]) for i, (d_out, d_in) in enumerate(shapes)
+        )
+        self.log_lr = nn.Parameter(torch.full((len(self.module_names),), math.log(edit_lr_init)))
+
+    def factors(self, pieces: Mapping[str, GradientPieces]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (left [out, n], right [n, in])}`` with ``left @ right = -alpha * grad~W`` (eq. 3)."""
+        out = {}
+        for index, name in enumerate(self.module_names):
+            piece = pieces[name]
+            transform = self.transforms[self.shape_of[name]]
+            u, delta = transform(piece.inputs, piece.grads, self.mode_of[name])
+            out[name] = (-self.log_lr[index].exp() * delta.T, u)
+        return out
+
+    def updates(self, pieces: Mapping[str, GradientPieces]) -> dict[str, torch.Tensor]:
+        """Dense ``[out, in]`` updates (for training, where the weights are used functionally)."""
+        return {name: left @ right for name, (left, right) in self.factors(pieces).items()}
+
+    def edit_lrs(self) -> Sequence[float]:
+        return self.log_lr.detach().exp().tolist()

@@ -1,0 +1,40 @@
+"""Settings of SERAC (Mitchell et al., 2022, "Memory-Based Model Editing at Scale", ICML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from editors.learned import LearnedConfig
+
+
+@dataclass
+class SERACConfig(LearnedConfig):
+    # Defaults sized for SmolLM2-135M (30 blocks, hidden 576) so that training fits a 2-core CPU:
+    # the classifier reads block 15 (the middle) and the counterfactual model is a copy of the
+    # bottom 4 blocks (14.2M parameters); see editors/serac/__init__.py for the counts.
+    classifier_layer: int = field(
+        default=15, metadata={"help": "block whose output (per position) is the scope classifier's feature; negative counts from the top"}
+    )
+    embedding_dim: int = field(default=256, metadata={"help": "width of the scope classifier's learned projection"})
+    cf_layers: int = field(default=4, metadata={"help": "bottom blocks of the model copied (and fine-tuned) as the counterfactual model"})
+    separator: str = field(default="\n", metadata={"help": "text between the stored edit and the input in the counterfactual model's input"})
+    init_scale: float = field(
+        default=20.0, metadata={"help": "initial slope of the in-scope logit, scale * (cosine - threshold) (learned during training)"}
+    )
+    init_threshold: float = field(
+        default=0.95, metadata={"help": "initial cosine above which an input is in scope (learned); untrained, routing is near exact match"}
+    )
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    # Beyond the parameter shapes (embedding_dim, cf_layers), a checkpoint is only valid for the
+    # features it was trained on (classifier_layer) and the input layout it learned (separator).
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("classifier_layer", "embedding_dim", "cf_layers", "separator", "targets")
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1 or self.cf_layers < 1:
+            raise ValueError("embedding_dim and cf_layers must be at least 1")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+        if not -1.0 <= self.init_threshold <= 1.0:
+            raise ValueError(f"init_threshold is a cosine similarity in [-1, 1], got {self.init_threshold}")

@@ -1,0 +1,243 @@
+"""The training loop every learned editor shares.
+
+A LightningModule here holds three things: the frozen model being edited (``self.base``, never
+saved in checkpoints), the editor's network (``self.net``, the only trained parameters), and the
+step. The network is built by the editor class itself (``editor.build_network``), so what is
+trained is exactly what ``edit.py --editor NAME --editor.checkpoint PATH`` applies.
+
+Batches come from :class:`datamodules.EditDataModule`: three teacher-forced parts, ``edit``
+(prompt + new target), ``rephrase`` (a paraphrase + new target) and ``locality`` (an unrelated
+prompt + its answer). Logged per stage (``train/...``, ``val/...``), each a torchmetrics
+``MeanMetric`` over edits:
+
+* ``edit_success``: teacher-forced token accuracy of the new target on the edit prompt after the edit;
+* ``rephrase_success``: the same on the rephrase;
+* ``locality``: share of locality answer positions whose argmax the edit left unchanged
+  (``drawdown`` = 1 - locality);
+* ``loss`` and its parts.
+
+At the end of fitting the network is exported as ``editor.safetensors`` + ``editor.json`` into
+``editor/`` beside the checkpoints folder (see :meth:`EditorModule.export_dir`), which is what
+``--editor.checkpoint`` reads; a Lightning ``.ckpt`` works too: it is read with
+``weights_only=True`` and carries the same metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+
+from editors import get_editor
+from editors.learned import CHECKPOINT_FORMAT_VERSION, LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, save_network
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("train", "val")
+METRICS = ("loss", "edit_success", "rephrase_success", "locality", "drawdown")
+
+
+class EditorModule(LightningModule):
+    """Base LightningModule: owns the frozen model, the network and the metrics.
+
+    Args:
+        model: the model to edit: a bundled name, hub id or local path (loaded in
+            ``configure_model``), or an ``nn.Module`` (tests pass tiny models).
+        lr: the network's Adam learning rate.
+        editor_name: the registered editor whose network is trained (set by subclasses).
+        editor: that editor's config (its architecture fields define the network).
+    """
+
+    editor_name: str = ""
+
+    def __init__(self, model: str | nn.Module = "smollm2-135m", editor: LearnedConfig | None = None, lr: float = 1.0e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
+        self.model_spec = model if isinstance(model, str) else None
+        self.base: nn.Module | None = model if isinstance(model, nn.Module) else None
+        config_class = get_editor(self.editor_name).config_class
+        # Checkpoints store the config as a plain dict (loadable with weights_only=True).
+        self.config = config_class(**editor) if isinstance(editor, dict) else editor if editor is not None else config_class()
+        self.lr = lr
+        self.editor = get_editor(self.editor_name)()
+        self.net: nn.Module | None = None
+        # (keys "train"/"val" would clash with nn.Module.train)
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": MetricCollection({m: MeanMetric() for m in METRICS}, prefix=f"{stage}/") for stage in STAGES})
+        # Checkpoints hold the network and the training state, not the frozen model.
+        self.strict_loading = False
+        if self.base is not None:
+            self._freeze_base()
+
+    # -- building ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The datamodule's tokenizer when training, else the one loaded with the model (or None)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            return datamodule.tokenizer
+        return self._tokenizer
+
+    _tokenizer: Any = None
+
+    def configure_model(self) -> None:
+        """Load the frozen model (when given by name) and build the network, once."""
+        if self.base is None:
+            from evaluation.models import load_model
+
+            self.base, self._tokenizer = load_model(self.model_spec, device="cpu")
+            self._freeze_base()
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                self.net = self.editor.build_network(self.base, self.tokenizer, self.config)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+
+    def _freeze_base(self) -> None:
+        self.base.eval()
+        self.base.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EditorModule":
+        super().train(mode)
+        if self.base is not None:
+            self.base.eval()  # the edited model never runs dropout
+        return self
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def signature(self) -> dict[str, Any]:
+        return model_signature(self.base, self.editor.network_modules(self.base, self.config))
+
+    def export_meta(self) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "editor": self.editor_name,
+            "architecture": self.config.architecture(),
+            "config": self.config.to_dict(),
+            "model": self.signature(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("base.")}
+        checkpoint["factedit"] = self.export_meta()
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "editor" in hparams:
+            hparams["editor"] = self.config.to_dict()  # no pickled classes in the checkpoint
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the trained network where ``--editor.checkpoint`` can read it."""
+        return save_network(self.net, directory, self.editor_name, self.config, self.signature())
+
+    def export_dir(self) -> Path:
+        """``editor/`` beside the checkpoints folder (stable across resumed runs), else in the
+        log folder, else in the trainer's root folder."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath).parent / "editor"
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "editor"
+
+    def on_fit_end(self) -> None:
+        if self.trainer.fast_dev_run:
+            return
+        directory = self.export_dir()  # on every process: trainer.log_dir is a collective call
+        if self.trainer.is_global_zero:
+            path = self.export(directory)
+            logger.info("trained %s network written to %s", self.editor_name, path)
+
+    # -- steps ------------------------------------------------------------------------------------
+    @abstractmethod
+    def step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses and per-edit scores of one batch: ``loss`` (scalar, differentiable), and
+        ``edit_success``, ``rephrase_success``, ``locality`` (one value per edit), plus any
+        ``loss_*`` parts to log."""
+
+    def _shared_step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
+        out = self.step(batch)
+        size = len(batch["case_id"])
+        metrics = self.metrics[f"{stage}_metrics"]
+        # Called (not .update()) so that each step's value is logged too, not only the epoch's.
+        metrics["loss"](out["loss"].detach())
+        for name in ("edit_success", "rephrase_success", "locality"):
+            metrics[name](out[name].detach())
+        metrics["drawdown"](1 - out["locality"].detach())
+        self.log_dict(metrics, on_step=stage == "train", on_epoch=True, prog_bar=stage == "val", batch_size=size)
+        for name, value in out.items():
+            if name.startswith("loss_"):
+                self.log(f"{stage}/{name}", value.detach(), on_step=stage == "train", on_epoch=True, batch_size=size)
+        return out["loss"]
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        with torch.enable_grad():  # weight editors differentiate the edit loss to make the edit
+            self._shared_step(batch, "val")
+
+
+class WeightEditModule(EditorModule):
+    """Training of editors whose network turns an edit into weight updates (MEND, KE).
+
+    The step: the network makes updates from the ``edit`` part; the edited weights are used
+    functionally (``torch.func.functional_call``: the model is never modified, and gradients
+    reach the network through the updates); the loss is
+
+        edit_weight * NLL(new target | rephrase, edited) + locality_weight * KL(base || edited on locality)
+
+    with the KL taken over the locality answer positions (MEND, eq. 4-5, with the rephrase as
+    the edit-generalisation input). ``edit_parts`` names the parts whose NLL is the edit loss
+    (their mean); success is reported for both. Subclasses implement :meth:`updates` and may
+    override :meth:`combine` and ``edit_parts``.
+    """
+
+    edit_parts: tuple[str, ...] = ("rephrase",)
+
+    def __init__(
+        self,
+        model: str | nn.Module = "smollm2-135m",
+        editor: LearnedConfig | None = None,
+        lr: float = 1.0e-4,
+        edit_weight: float = 1.0,
+        locality_weight: float = 1.0,
+    ) -> None:
+        super().__init__(model, editor, lr)
+        self.edit_weight = edit_weight
+        self.locality_weight = locality_weight
+
+    @abstractmethod
+    def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``{module name: update [out, in]}`` for the batch's edits, differentiable in the network."""
+
+    def combine(self, edit_loss: torch.Tensor, locality_kl: torch.Tensor) -> torch.Tensor:
+        return self.edit_weight * edit_loss + self.locality_weight * locality_kl
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        n = len(batch["case_id"])
+        params = edited_params(self.base, self.updates(batch))
+        out: dict[str, torch.Tensor] = {}
+        losses = []
+        for part in ("edit", "rephrase"):
+            trained = part in self.edit_parts
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                logits, targets, rows = answer_logits(self.base, batch[part], params if trained else {k: v.detach() for k, v in params.items()})
+            out[f"{part}_success"] = answer_accuracy(logits.detach(), targets, rows, n)
+            if trained:
+                losses.append(answer_nll(logits, targets, rows, n).mean())
+                out[f"loss_edit_{part}"] = losses[-1]
+        loc = batch["locality"]
+        with torch.no_grad():
+            before, _, loc_rows = answer_logits(self.base, loc)
+        after, _, _ = answer_logits(self.base, loc, params)
+        kl = F.kl_div(F.log_softmax(after.float(), -1), F.log_softmax(before.float(), -1), log_target=True, reduction="batchmean")
+        edit_loss = torch.stack(losses).mean()
+        out.update(loss=self.combine(edit_loss, kl), loss_edit=edit_loss, loss_locality=kl, locality=answer_accuracy(after.detach(), before.argmax(-1), loc_rows, n))
+        return out

@@ -1,0 +1,134 @@
+"""Training SERAC (Mitchell et al., 2022, "Memory-Based Model Editing at Scale", section 3): the
+scope classifier ``g`` and the counterfactual model ``h`` are trained separately on each batch,
+with the batch's edits as the memory:
+
+    L_g = BCE(g(z_i, x), [x in scope of z_i])      x: the edit prompt and rephrase of each edit
+                                                    (in scope of their own edit, out of scope of
+                                                    the others) and the locality prompts (out of
+                                                    scope of every edit)
+    L_h = NLL(new target_i | h(z_i, x))             x: edit prompt i and rephrase i only (in scope)
+
+    L = classifier_weight * L_g + counterfactual_weight * L_h
+
+The classifier is scored at every position that predicts an answer token (the positions the
+routed model is evaluated at), and its BCE averages positive and negative pairs separately, since
+a batch of n edits has about n times more negative pairs than positive ones. The logged scores
+are those of the routed model, computed by :func:`editors.serac.routed_hidden`, the code the
+edit's hooks run: ``edit_success`` / ``rephrase_success`` are teacher-forced token accuracies of
+the new target, ``locality`` the share of locality answer positions whose argmax is the frozen
+model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.edit_datamodule import PARTS
+from editors.learned import answer_accuracy, answer_nll, label_positions
+from editors.lm import unembed
+from editors.serac import Bank, Job, SERACConfig, base_pass, counterfactual_states, routed_hidden
+from editors.serac.editor import separator_ids
+
+from .base import EditorModule
+
+
+class SERACModule(EditorModule):
+    """Args: see :class:`lit_modules.base.EditorModule`; ``lr`` is the counterfactual model's
+    learning rate, ``classifier_lr`` the scope classifier's (its projection starts random)."""
+
+    editor_name = "serac"
+
+    def __init__(
+        self,
+        model: str | nn.Module = "smollm2-135m",
+        editor: SERACConfig | None = None,
+        lr: float = 1.0e-4,
+        classifier_lr: float = 1.0e-3,
+        classifier_weight: float = 1.0,
+        counterfactual_weight: float = 1.0,
+    ) -> None:
+        super().__init__(model, editor, lr)
+        self.classifier_lr = classifier_lr
+        self.classifier_weight = classifier_weight
+        self.counterfactual_weight = counterfactual_weight
+        self._separator: torch.Tensor | None = None
+
+    def configure_optimizers(self):
+        classifier = self.net.classifier_parameters()
+        ids = {id(p) for p in classifier}
+        counterfactual = [p for p in self.net.parameters() if id(p) not in ids]
+        return torch.optim.Adam([{"params": counterfactual, "lr": self.lr}, {"params": classifier, "lr": self.classifier_lr}])
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        with torch.no_grad():  # SERAC needs no gradient to make an edit
+            self._shared_step(batch, "val")
+
+    def separator(self, device: torch.device) -> torch.Tensor:
+        if self._separator is None:
+            self._separator = torch.tensor(separator_ids(self.tokenizer, self.config.separator), dtype=torch.long)
+        return self._separator.to(device)
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        n = len(batch["case_id"])
+        net, model = self.net, self.base
+        with torch.no_grad():
+            passes = {p: base_pass(model, net.feature_module, batch[p]["input_ids"], batch[p]["attention_mask"]) for p in PARTS}
+        positions = {p: label_positions(batch[p]["labels"]) for p in PARTS}
+        real = {p: batch[p]["attention_mask"].bool() for p in PARTS}
+
+        # The memory: edit i is its text (prompt + new target) and one key per position of the
+        # text that predicts a target token, as EditMemory.add stores it.
+        edit_ids = batch["edit"]["input_ids"]
+        key_rows, key_cols, _ = positions["edit"]
+        keys = net.embed(passes["edit"][0][key_rows, key_cols])
+        separator = self.separator(edit_ids.device)
+        bank = Bank([torch.cat([edit_ids[i][real["edit"][i]], separator]) for i in range(n)], keys, key_rows)
+
+        # Scope classifier: every answer position of every part against every edit (best key).
+        logits, labels = [], []
+        for part in PARTS:
+            rows, cols, _ = positions[part]
+            cosine = net.embed(passes[part][0][rows, cols]) @ keys.T
+            per_edit = cosine.new_full((len(rows), n), -2.0).scatter_reduce(1, key_rows.expand(len(rows), -1), cosine, "amax")
+            logits.append(net.in_scope_logit(per_edit))
+            in_scope = F.one_hot(rows, n).float() if part != "locality" else torch.zeros_like(per_edit)
+            labels.append(in_scope)
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+        positive = labels.bool()
+        classifier_loss = bce[positive].mean() + bce[~positive].mean()
+
+        # Counterfactual model: the new target given the right edit, on in-scope inputs only.
+        counterfactual_loss = torch.zeros((), device=keys.device)
+        for part in ("edit", "rephrase"):
+            rows, cols, targets = positions[part]
+            rank = batch[part]["attention_mask"].long().cumsum(1) - 1
+            jobs = [Job(bank.prefixes[i], batch[part]["input_ids"][i][real[part][i]], rank[i, cols[rows == i]]) for i in range(n)]
+            states = torch.cat(counterfactual_states(net, model, jobs)).to(passes[part][1].dtype)
+            counterfactual_loss = counterfactual_loss + answer_nll(unembed(model, states), targets, rows, n).mean() / 2
+
+        # Scores of the routed model (the hooks' code), memory = this batch's edits.
+        scores = {}
+        with torch.no_grad():
+            frozen = bank.detach()
+            for part in PARTS:
+                features, hidden = passes[part]
+                routed, _ = routed_hidden(net, model, frozen, hidden, features, batch[part]["input_ids"], batch[part]["attention_mask"])
+                rows, cols, targets = positions[part]
+                after = unembed(model, routed[rows, cols])
+                if part == "locality":
+                    targets = unembed(model, hidden[rows, cols]).argmax(-1)
+                scores[part] = answer_accuracy(after, targets, rows, n)
+
+        return {
+            "loss": self.classifier_weight * classifier_loss + self.counterfactual_weight * counterfactual_loss,
+            "loss_classifier": classifier_loss,
+            "loss_counterfactual": counterfactual_loss,
+            "edit_success": scores["edit"],
+            "rephrase_success": scores["rephrase"],
+            "locality": scores["locality"],
+        }
