@@ -101,8 +101,9 @@ def main() -> None:
     for method, summary in results.items():
         m = summary["metrics"]
         pre = pre or m
-        per_call = m.get("median_seconds_per_edit", float("nan"))
-        per_edit = per_call / (summary.get("edits_per_call") or 1) if summary["mode"] == "batch" else per_call
+        # seconds_per_edit is already per request (a batch call's time divided by its requests)
+        per_edit = m.get("median_seconds_per_edit", float("nan"))
+        per_call = per_edit * (summary.get("edits_per_call") or 1) if summary["mode"] == "batch" else per_edit
         mode = f"{summary['mode']} x{summary.get('edits_per_call')}" if summary["mode"] == "batch" else summary["mode"]
         cells = [method, mode, *(f"{m.get(k, float('nan')):.3f}" for k in PROBABILITY + TOKEN), f"{per_call:.2f}", f"{per_edit:.2f}", f"{m.get('peak_memory_mb', float('nan')):.0f}"]
         print(" | ".join(cells))
