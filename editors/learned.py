@@ -27,7 +27,7 @@ from torch import nn
 
 from .base import EditError, EditorConfig, EditRequest
 from .lm import encode_pair, hidden_states, model_device, unembed
-from .targets import get_module, get_targets, num_layers
+from .targets import delta_to_param_layout, get_module, get_targets, num_layers, weight_as_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,8 @@ def edited_modules(model: nn.Module, roles: Sequence[str], layers: Sequence[int]
 
 def module_shape(model: nn.Module, name: str) -> tuple[int, int]:
     """``(out_features, in_features)`` of a linear (or GPT-2 Conv1D) module."""
-    module = get_module(model, name)
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":
-        return int(weight.shape[1]), int(weight.shape[0])
-    return int(weight.shape[0]), int(weight.shape[1])
+    out_features, in_features = weight_as_out_in(get_module(model, name)).shape
+    return int(out_features), int(in_features)
 
 
 def model_signature(model: nn.Module, modules: Sequence[str]) -> dict[str, Any]:
@@ -249,15 +246,10 @@ def gradient_pieces(model: nn.Module, batch: Mapping[str, torch.Tensor], modules
     return loss.detach(), pieces
 
 
-def as_param_layout(model: nn.Module, module: str, delta_out_in: torch.Tensor) -> torch.Tensor:
-    """An ``[out, in]`` update in the layout of ``module.weight`` (GPT-2's Conv1D is ``[in, out]``)."""
-    return delta_out_in.T if type(get_module(model, module)).__name__ == "Conv1D" else delta_out_in
-
-
 def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module.weight: W + update}`` for :func:`answer_logits`; updates are ``[out, in]``."""
     params = dict(model.named_parameters())
-    return {f"{m}.weight": params[f"{m}.weight"] + as_param_layout(model, m, u).to(params[f"{m}.weight"].dtype) for m, u in updates.items()}
+    return {f"{m}.weight": params[f"{m}.weight"] + delta_to_param_layout(get_module(model, m), u).to(params[f"{m}.weight"].dtype) for m, u in updates.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,19 +257,23 @@ def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def save_network(network: nn.Module, directory: str | Path, editor: str, config: LearnedConfig, signature: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``editor.safetensors`` (the network's tensors) and ``editor.json`` (what it is for)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-    meta = {
+def network_meta(editor: str, config: LearnedConfig, signature: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its network (checked by :func:`load_network`)."""
+    return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "editor": editor,
         "architecture": config.architecture(),
         "config": config.to_dict(),
         "model": dict(signature),
-        **dict(extra or {}),
     }
+
+
+def save_network(network: nn.Module, directory: str | Path, editor: str, config: LearnedConfig, signature: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``editor.safetensors`` (the network's tensors) and ``editor.json`` (what it is for)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+    meta = {**network_meta(editor, config, signature), **dict(extra or {})}
     tmp = directory / (NETWORK_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"factedit": json.dumps(meta)})
     tmp.replace(directory / NETWORK_FILE)

@@ -20,6 +20,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .base import ParamDelta
+
 
 @dataclass(frozen=True)
 class ModelTargets:
@@ -200,3 +202,10 @@ def weight_as_out_in(module: nn.Module) -> torch.Tensor:
 def delta_to_param_layout(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Tensor:
     """Convert a ``[out, in]`` update into the layout of ``module.weight``."""
     return delta_out_in.T if is_transposed(module) else delta_out_in
+
+
+def factors_in_param_layout(module, left: torch.Tensor, right: torch.Tensor) -> ParamDelta:
+    """A low-rank update ``left @ right`` of the ``[out, in]`` weight, in ``module.weight``'s layout."""
+    if is_transposed(module):
+        return ParamDelta(left=right.T.contiguous(), right=left.T.contiguous())
+    return ParamDelta(left=left.contiguous(), right=right.contiguous())

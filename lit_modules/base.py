@@ -36,7 +36,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from editors import get_editor
-from editors.learned import CHECKPOINT_FORMAT_VERSION, LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, save_network
+from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, network_meta, save_network
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +118,10 @@ class EditorModule(LightningModule):
     def signature(self) -> dict[str, Any]:
         return model_signature(self.base, self.editor.network_modules(self.base, self.config))
 
-    def export_meta(self) -> dict[str, Any]:
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "editor": self.editor_name,
-            "architecture": self.config.architecture(),
-            "config": self.config.to_dict(),
-            "model": self.signature(),
-        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("base.")}
-        checkpoint["factedit"] = self.export_meta()
+        checkpoint["factedit"] = network_meta(self.editor_name, self.config, self.signature())
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and "editor" in hparams:
             hparams["editor"] = self.config.to_dict()  # no pickled classes in the checkpoint

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.edit_datamodule import EditDataModule
-from editors import Edit, get_editor
+from editors import get_editor
 from editors.learned import (
     CheckpointError,
     answer_logits,
@@ -22,6 +22,7 @@ from editors.learned import (
     read_checkpoint,
 )
 from editors.mend import MENDConfig
+from editors.targets import is_transposed, weight_as_out_in
 from lit_modules.mend import MENDModule
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -66,7 +67,7 @@ def test_gradient_pieces_sum_to_the_weight_gradient(tiny_model, tokenizer):
     assert torch.allclose(loss, per_edit.mean().detach())
     for name, grad in zip(modules, grads):
         dense = pieces[name].dense()
-        if type(tiny_model.get_submodule(name)).__name__ == "Conv1D":
+        if is_transposed(tiny_model.get_submodule(name)):
             dense = dense.T
         assert torch.allclose(dense, grad, atol=1e-6, rtol=1e-4), name
         # one piece per real token
@@ -76,7 +77,7 @@ def test_gradient_pieces_sum_to_the_weight_gradient(tiny_model, tokenizer):
 def test_functional_edit_equals_editing_the_weights(tiny_model, tokenizer):
     modules = edited_modules(tiny_model, ["mlp_out"], [1])
     batch = pair_batch(tokenizer, PAIRS, "cpu")
-    update = {modules[0]: torch.randn(tiny_model.get_submodule(modules[0]).weight.shape[::-1] if "c_proj" in modules[0] else tiny_model.get_submodule(modules[0]).weight.shape) * 0.1}
+    update = {modules[0]: torch.randn(weight_as_out_in(tiny_model.get_submodule(modules[0])).shape) * 0.1}
     params = edited_params(tiny_model, update)
     functional, _, _ = answer_logits(tiny_model, batch, params)
     name = f"{modules[0]}.weight"
@@ -96,7 +97,7 @@ def test_untrained_mend_is_one_gradient_step(tiny_model, tokenizer, request_fact
     for name in modules:
         expected = -0.5 * pieces[name].dense()
         got = edit.deltas[f"{name}.weight"].dense()
-        if type(tiny_model.get_submodule(name)).__name__ == "Conv1D":
+        if is_transposed(tiny_model.get_submodule(name)):
             got = got.T
         assert torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
         assert edit.deltas[f"{name}.weight"].rank == pieces[name].inputs.shape[0]  # stored as factors
@@ -119,24 +120,14 @@ def _edit_success(model, tokenizer, requests, config) -> float:
     scores = []
     editor = get_editor("mend")()
     for request in requests:
-        with _Applied(editor.apply(model, tokenizer, [request], config), model):
+        edit = editor.apply(model, tokenizer, [request], config)
+        try:
             batch = pair_batch(tokenizer, [(request.rephrase_prompts[0], request.target_new)], "cpu")
             logits, targets, _ = answer_logits(model, batch)
             scores.append((logits.argmax(-1) == targets).float().mean().item())
+        finally:
+            edit.revert(model)
     return sum(scores) / len(scores)
-
-
-class _Applied:
-    """Revert an already-applied edit when the block ends."""
-
-    def __init__(self, edit: Edit, model) -> None:
-        self.edit, self.model = edit, model
-
-    def __enter__(self) -> Edit:
-        return self.edit
-
-    def __exit__(self, *exc) -> None:
-        self.edit.revert(self.model)
 
 
 def test_training_beats_untrained_and_checkpoint_round_trips(tokenizer, zsre_file, tmp_path):

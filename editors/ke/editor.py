@@ -18,8 +18,7 @@ from torch import nn
 from ..base import Edit, Editor, EditRequest, register_editor
 from ..learned import LearnedEditorMixin, edited_modules, module_shape, request_batches
 from ..lm import model_device
-from ..rome.editor import factors_in_param_layout
-from ..targets import get_module, get_parameter_name
+from ..targets import factors_in_param_layout, get_module, get_parameter_name
 from .config import KEConfig
 from .network import KENetwork, predict_updates
 

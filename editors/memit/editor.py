@@ -30,10 +30,10 @@ from typing import Sequence
 import torch
 
 from ..base import Edit, EditRequest, ParamDelta, register_editor
-from ..rome.editor import LocateEditor, factors_in_param_layout
+from ..rome.editor import LocateEditor
 from ..rome.keys import subject_reads
 from ..rome.values import optimise_values
-from ..targets import ModelTargets, get_module, get_parameter_name, get_targets, is_transposed
+from ..targets import ModelTargets, factors_in_param_layout, get_module, get_parameter_name, get_targets, is_transposed
 from .config import MEMITConfig
 
 logger = logging.getLogger(__name__)

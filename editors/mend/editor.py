@@ -15,8 +15,7 @@ from torch import nn
 from editors.base import Edit, Editor, EditRequest, register_editor
 from editors.learned import LearnedEditorMixin, edited_modules, gradient_pieces, module_shape, request_batches
 from editors.lm import model_device
-from editors.rome.editor import factors_in_param_layout
-from editors.targets import get_module, get_parameter_name
+from editors.targets import factors_in_param_layout, get_module, get_parameter_name
 
 from .config import MENDConfig
 from .network import MENDNetwork

@@ -26,9 +26,9 @@ from typing import Sequence
 
 import torch
 
-from ..base import Edit, Editor, EditRequest, ParamDelta, register_editor
+from ..base import Edit, Editor, EditRequest, register_editor
 from ..stats import model_fingerprint
-from ..targets import get_module, get_parameter_name, get_targets, is_transposed, weight_as_out_in
+from ..targets import factors_in_param_layout, get_module, get_parameter_name, get_targets, weight_as_out_in
 from .config import LocateConfig, ROMEConfig
 from .context import sample_prefixes
 from .covariance import key_moments
@@ -79,13 +79,6 @@ class LocateEditor(Editor):
                 self._moments[(spec, name)] = moment
         device = next(model.parameters()).device
         return {n: self._moments[(spec, n)].to(device) for n in module_names}
-
-
-def factors_in_param_layout(module, left: torch.Tensor, right: torch.Tensor) -> ParamDelta:
-    """A low-rank update ``left @ right`` of the ``[out, in]`` weight, in ``module.weight``'s layout."""
-    if is_transposed(module):
-        return ParamDelta(left=right.T.contiguous(), right=left.T.contiguous())
-    return ParamDelta(left=left.contiguous(), right=right.contiguous())
 
 
 @register_editor("rome", ROMEConfig)
