@@ -13,6 +13,7 @@ from datamodules.records import (
     dataset_to_requests,
     detect_format,
     load_requests,
+    parse_records,
     requests_to_dataset,
     validate_records,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "detect_format",
     "known_sources",
     "load_requests",
+    "parse_records",
     "requests_to_dataset",
     "resolve_source",
     "validate_records",

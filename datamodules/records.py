@@ -1,6 +1,6 @@
 """The one place where raw JSON rows become :class:`~editors.base.EditRequest` objects.
 
-Four source formats are understood (``format=`` names, or detected from the first record):
+Five source formats are understood (``format=`` names, or detected from the first record):
 
 ``counterfact``
     ROME's CounterFact: ``case_id``, ``requested_rewrite{prompt with "{}", subject,
@@ -18,12 +18,21 @@ Four source formats are understood (``format=`` names, or detected from the firs
     ``target_new``, ``ground_truth`` (a string, a list, or a nested list of aliases; absent for
     new facts), ``rephrase_prompt``, and ``locality``/``portability`` as
     ``{category: [{prompt, ground_truth}]}``.
+``mquake``
+    MQuAKE (Zhong et al., 2023, "MQuAKE: Assessing Knowledge Editing in Language Models via
+    Multi-Hop Questions"): ``case_id``, ``requested_rewrite`` as a *list* of CounterFact-style
+    rewrites (each ``{prompt with "{}", subject, target_new{str}, target_true{str}, question?}``),
+    ``questions`` (multi-hop questions), ``new_answer``, ``new_answer_alias`` and
+    ``new_single_hops`` (``{question, cloze, answer, answer_alias}``). One record is one edit case
+    that asks for several edits at once: it yields one request per rewrite (see
+    :func:`parse_records`).
 
 Raw files are parsed with the standard library (``json.loads``; JSON Lines line by line) rather
 than with ``datasets.load_dataset`` for two reasons: a broken file is reported with its exact
 line and column (and, for JSON Lines, the record's line), and KnowEdit mixes strings and
 (nested) lists in the same field, which Arrow's schema inference rejects. Every record is then
-checked and normalised here, and the result is an :class:`EditRequest` with one fixed schema,
+checked and normalised here, and the result is one :class:`EditRequest` per record (several for
+a record that asks for several edits, as MQuAKE's do) with one fixed schema,
 which :func:`requests_to_dataset` turns into a HF ``datasets.Dataset`` for tokenization and
 caching in the datamodules.
 
@@ -50,14 +59,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("counterfact", "counterfact_easyedit", "zsre", "knowedit")
+FORMATS: tuple[str, ...] = ("counterfact", "counterfact_easyedit", "zsre", "knowedit", "mquake")
 
 _FORMAT_HINTS = (
     "counterfact (ROME: case_id, requested_rewrite, paraphrase_prompts, neighborhood_prompts, ...), "
     "counterfact_easyedit (case_id, prompt, subject, target_new, ground_truth, rephrase_prompt, "
     "locality_prompt, locality_ground_truth), "
     "zsre (MEND: subject, src, alt, answers, rephrase, loc, loc_ans), "
-    "knowedit (prompt, subject, target_new, ground_truth, rephrase_prompt, locality{...}, portability{...})"
+    "knowedit (prompt, subject, target_new, ground_truth, rephrase_prompt, locality{...}, portability{...}), "
+    "mquake (case_id, requested_rewrite [list], questions, new_answer, new_answer_alias, new_single_hops)"
 )
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -436,11 +446,110 @@ def _parse_knowedit(row: _Row) -> dict[str, Any]:
     )
 
 
+MULTI_HOP_KIND = "multi_hop"
+"""``QA.kind`` of MQuAKE's multi-hop questions (scored as ``portability_multi_hop``)."""
+SINGLE_HOP_KIND = "single_hop"
+"""``QA.kind`` of MQuAKE's single-hop probes of the edited chain (``portability_single_hop``)."""
+
+
+def _answer_and_aliases(row: _Row, answer_keys: tuple[_Key, ...], alias_keys: tuple[_Key, ...]) -> tuple[str, tuple[str, ...]]:
+    """A required non-empty answer and every acceptable answer (the answer first, then its aliases)."""
+    answer = row.nonempty_string(*answer_keys)
+    aliases = (answer,) + tuple(a for a in row.aliases(*alias_keys) if a != answer)
+    return answer, aliases
+
+
+def _mquake_probes(row: _Row) -> tuple[QA, ...]:
+    """The case's multi-hop questions (answered by ``new_answer``) and its new single hops.
+
+    Single hops are asked as their cloze statement (``"The capital of France is"``), the form in
+    which MQuAKE checks single-hop knowledge; a hop without a cloze is asked as its question.
+    """
+    if row.get("questions") is _MISSING:
+        raise row.error("questions", "missing (an MQuAKE case needs its multi-hop questions)")
+    questions = row.strings("questions")
+    if not questions:
+        raise row.error("questions", "is empty (an MQuAKE case needs its multi-hop questions)")
+    for i, question in enumerate(questions):
+        if not question.strip():
+            raise row.error(("questions", i), "is empty")
+    answer, aliases = _answer_and_aliases(row, ("new_answer",), ("new_answer_alias",))
+    probes = [QA(question, answer, aliases=aliases, kind=MULTI_HOP_KIND) for question in questions]
+    hops = row.get("new_single_hops")
+    if hops is not _MISSING and hops is not None:
+        if not isinstance(hops, list):
+            raise row.error("new_single_hops", f"expected a list of {{question, cloze, answer, answer_alias}} objects, got {_type_name(hops)}")
+        for i, hop in enumerate(hops):
+            if not isinstance(hop, dict):
+                raise row.error(("new_single_hops", i), f"expected an object, got {_type_name(hop)}")
+            cloze = row.optional_string("new_single_hops", i, "cloze")
+            prompt = cloze if cloze is not None and cloze.strip() else row.nonempty_string("new_single_hops", i, "question")
+            hop_answer, hop_aliases = _answer_and_aliases(row, ("new_single_hops", i, "answer"), ("new_single_hops", i, "answer_alias"))
+            probes.append(QA(prompt, hop_answer, aliases=hop_aliases, kind=SINGLE_HOP_KIND))
+    return tuple(probes)
+
+
+def _parse_mquake(row: _Row) -> list[dict[str, Any]]:
+    """One request per rewrite, ``case_id`` ``"<case>/<k>"``, all in group ``"<case>"``; the
+    multi-hop and single-hop probes go to the last request, which completes the group's edits."""
+    row.case_id = row.case_id_field("case_id")
+    rewrites = row.get("requested_rewrite")
+    if rewrites is _MISSING or rewrites is None:
+        raise row.error("requested_rewrite", "missing" if rewrites is _MISSING else "is null")
+    if not isinstance(rewrites, list):
+        raise row.error("requested_rewrite", f"expected a list of rewrites (MQuAKE), got {_type_name(rewrites)}")
+    if not rewrites:
+        raise row.error("requested_rewrite", "is empty (an MQuAKE case needs at least one rewrite)")
+    fields: list[dict[str, Any]] = []
+    for k in range(len(rewrites)):
+        if row.mapping("requested_rewrite", k) is None:
+            raise row.error(("requested_rewrite", k), "expected an object, got null")
+        template = row.string("requested_rewrite", k, "prompt")
+        subject = row.string("requested_rewrite", k, "subject")
+        if "{}" not in template:
+            raise row.error(("requested_rewrite", k, "prompt"), f"has no '{{}}' placeholder for the subject: {template!r}")
+        question = row.optional_string("requested_rewrite", k, "question")
+        fields.append(
+            dict(
+                case_id=f"{row.case_id}/{k}",
+                prompt=template.replace("{}", subject),
+                subject=subject,
+                target_new=row.string("requested_rewrite", k, "target_new", "str"),
+                target_true=row.nonempty_string("requested_rewrite", k, "target_true", "str"),
+                # The rewrite asked as a question has the new target as its answer: a rephrasing.
+                rephrase_prompts=(question,) if question is not None and question.strip() else (),
+                group=row.case_id,
+            )
+        )
+    fields[-1]["portability"] = _mquake_probes(row)
+    return fields
+
+
+def _mquake_source_fields(k: int) -> Mapping[str, str]:
+    rewrite = f"requested_rewrite[{k}]"
+    return {
+        "prompt": f"{rewrite}.prompt",
+        "subject": f"{rewrite}.subject",
+        "target_new": f"{rewrite}.target_new.str",
+        "target_true": f"{rewrite}.target_true.str",
+        "rephrase_prompts": f"{rewrite}.question",
+        "portability": "new_answer",
+        "group": "case_id",
+    }
+
+
 @dataclass(frozen=True)
 class _Format:
-    parse: Callable[[_Row], dict[str, Any]]
-    # EditRequest field -> the source field it comes from, to name problems as the file spells them.
-    source_fields: Mapping[str, str]
+    # The request fields of one raw record: a dict, or a list of dicts for a record that asks for
+    # several edits (MQuAKE).
+    parse: Callable[[_Row], dict[str, Any] | list[dict[str, Any]]]
+    # EditRequest field -> the source field it comes from, to name problems as the file spells
+    # them; a function of the request's position in its record where that matters.
+    source_fields: Mapping[str, str] | Callable[[int], Mapping[str, str]]
+
+    def source_field(self, name: str, position: int) -> str:
+        fields = self.source_fields(position) if callable(self.source_fields) else self.source_fields
+        return fields.get(name, name)
 
 
 _FORMATS: Mapping[str, _Format] = MappingProxyType(
@@ -487,6 +596,7 @@ _FORMATS: Mapping[str, _Format] = MappingProxyType(
             _parse_knowedit,
             MappingProxyType({"target_true": "ground_truth", "rephrase_prompts": "rephrase_prompt"}),
         ),
+        "mquake": _Format(_parse_mquake, _mquake_source_fields),
     }
 )
 
@@ -497,6 +607,9 @@ def detect_format(record: Any, path: str | os.PathLike[str] = "<records>", index
         raise RecordError(f"expected a JSON object, got {_type_name(record)}", path, index=index)
     keys = set(record)
     if "requested_rewrite" in keys:
+        # MQuAKE lists its rewrites (one case, several edits); CounterFact has exactly one.
+        if isinstance(record["requested_rewrite"], list) or {"questions", "new_single_hops"} & keys:
+            return "mquake"
         return "counterfact"
     if {"src", "alt"} <= keys:
         return "zsre"
@@ -520,21 +633,43 @@ def detect_format(record: Any, path: str | os.PathLike[str] = "<records>", index
     )
 
 
-def parse_record(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<records>") -> EditRequest:
-    """Turn one raw record into an :class:`EditRequest`, or raise :class:`RecordError`."""
+def parse_records(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<records>") -> list[EditRequest]:
+    """Turn one raw record into its :class:`EditRequest` objects, or raise :class:`RecordError`.
+
+    Most formats give one request per record; an MQuAKE record gives one per rewrite (all in one
+    ``group``). A record is valid only as a whole: one bad rewrite rejects all of its requests.
+    """
     spec = _format_spec(format)
     row = _Row(raw, Path(path))
     if not isinstance(raw.data, dict):
         raise row.error(None, f"expected a JSON object, got {_type_name(raw.data)}")
-    fields = spec.parse(row)
-    try:
-        return EditRequest(**fields)
-    except ValueError:
-        problems = _problems(fields)
-        if not problems:  # pragma: no cover - EditRequest raises only for what problems() reports
-            raise
-        name, reason = problems[0]
-        raise row.error(spec.source_fields.get(name, name), reason) from None
+    parsed = spec.parse(row)
+    requests: list[EditRequest] = []
+    for position, fields in enumerate(parsed if isinstance(parsed, list) else [parsed]):
+        try:
+            requests.append(EditRequest(**fields))
+        except ValueError:
+            problems = _problems(fields)
+            if not problems:  # pragma: no cover - EditRequest raises only for what problems() reports
+                raise
+            name, reason = problems[0]
+            raise row.error(spec.source_field(name, position), reason) from None
+    return requests
+
+
+def parse_record(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<records>") -> EditRequest:
+    """Turn one raw record of a one-request-per-record format into an :class:`EditRequest`.
+
+    Raises :class:`RecordError` for a bad record and ``ValueError`` for a valid record that asks
+    for several edits (MQuAKE): use :func:`parse_records` for those.
+    """
+    requests = parse_records(raw, format, path)
+    if len(requests) != 1:
+        raise ValueError(
+            f"{path}: record {raw.index} gives {len(requests)} edit requests ({format} records may ask for several edits); "
+            f"use parse_records"
+        )
+    return requests[0]
 
 
 def _problems(fields: dict[str, Any]) -> list[tuple[str, str]]:
@@ -563,8 +698,10 @@ def validate_records(
 
     ``source`` is a file path or a known source name (see :mod:`datamodules.sources`); named
     full datasets are downloaded when missing. ``format=None`` detects the format from the
-    first record. With ``limit``, reading stops once ``limit`` valid requests are found.
-    Errors that concern the whole file (unreadable, invalid JSON, unknown format) are raised.
+    first record. With ``limit``, reading stops once ``limit`` valid records are read; a record
+    that asks for several edits (MQuAKE) gives all its requests, so a group is never split
+    (for the other formats a record is one request). Errors that concern the whole file
+    (unreadable, invalid JSON, unknown format) are raised.
     """
     if format is not None:
         _format_spec(format)
@@ -579,21 +716,29 @@ def validate_records(
     requests: list[EditRequest] = []
     errors: list[RecordError] = []
     first_seen: dict[str, int] = {}
+    valid_records = 0
     for raw in raws:
-        if limit is not None and len(requests) >= limit:
+        if limit is not None and valid_records >= limit:
             break
         try:
-            request = parse_record(raw, format, path)
-            if request.case_id in first_seen:
-                raise RecordError(
-                    f"duplicate case_id (first used by record {first_seen[request.case_id]})",
-                    path, index=raw.index, field="case_id", case_id=request.case_id, line=raw.line,
-                )
+            parsed = parse_records(raw, format, path)
+            seen_here: set[str] = set()
+            for request in parsed:
+                if request.case_id in first_seen or request.case_id in seen_here:
+                    first = first_seen.get(request.case_id, raw.index)
+                    raise RecordError(
+                        f"duplicate case_id (first used by record {first})",
+                        # a grouped record is named by its own case_id (the group), as in the file
+                        path, index=raw.index, field="case_id", case_id=request.group or request.case_id, line=raw.line,
+                    )
+                seen_here.add(request.case_id)
         except RecordError as err:
             errors.append(err)
             continue
-        first_seen[request.case_id] = raw.index
-        requests.append(request)
+        for request in parsed:
+            first_seen[request.case_id] = raw.index
+        requests.extend(parsed)
+        valid_records += 1
     return requests, errors
 
 
@@ -606,8 +751,9 @@ def load_requests(
     """Read the edit requests of a data file or named source.
 
     ``source``: a JSON array file, a JSON Lines file, or a known name (``counterfact-demo``,
-    ``zsre-demo``, ``counterfact``, ``zsre``). ``format``: one of :data:`FORMATS`, or ``None`` to
-    detect it. ``limit``: keep the first ``limit`` valid requests. ``skip_invalid``: log a
+    ``zsre-demo``, ``mquake-demo``, ``counterfact``, ``zsre``, ``mquake``). ``format``: one of
+    :data:`FORMATS`, or ``None`` to detect it. ``limit``: keep the requests of the first ``limit``
+    valid records (one request each, except MQuAKE's: one per rewrite). ``skip_invalid``: log a
     warning for each invalid record and leave it out, instead of raising :class:`RecordError`
     for the first one (use :func:`validate_records` to get the errors as values).
     """
@@ -650,6 +796,7 @@ def request_features() -> "datasets.Features":
             "neighborhood_prompts": strings,
             "attribute_prompts": strings,
             "generation_prompts": strings,
+            "group": Value("string"),
         }
     )
 

@@ -1,9 +1,10 @@
 """Named data sources: small demo sets shipped with the package and full datasets fetched on demand.
 
-A *source* is what users type instead of a path: ``counterfact-demo`` and ``zsre-demo`` are JSON
-files inside this package (``datamodules/demo/``); ``counterfact`` and ``zsre`` are the full
-public datasets, downloaded on first use into the user's cache directory
-(``$FACTEDIT_CACHE/data``, by default ``~/.cache/factedit/data``) and verified by SHA-256.
+A *source* is what users type instead of a path: ``counterfact-demo``, ``zsre-demo`` and
+``mquake-demo`` are JSON files inside this package (``datamodules/demo/``); ``counterfact``,
+``zsre`` and ``mquake`` are the full public datasets, downloaded on first use into the user's
+cache directory (``$FACTEDIT_CACHE/data``, by default ``~/.cache/factedit/data``) and verified by
+SHA-256 where the checksum is known.
 
 Nothing here touches the network or the disk at import time; :func:`resolve_source` is the one
 entry point, called by :func:`datamodules.records.load_requests` and by the datamodules'
@@ -69,6 +70,12 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
             filename="demo_zsre.json",
             description="a few zsRE records (MEND format) shipped with the package",
         ),
+        "mquake-demo": Source(
+            name="mquake-demo",
+            format="mquake",
+            filename="mquake_demo.json",
+            description="a few hand-written two-hop MQuAKE-style cases (MQuAKE format) shipped with the package",
+        ),
         "counterfact": Source(
             name="counterfact",
             format="counterfact",
@@ -86,6 +93,17 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
             url="https://rome.baulab.info/data/dsets/zsre_mem-eval.json",
             # The published checksum of this file is not known. With sha256=None the download is
             # kept and its computed digest is logged, so that it can be filled in here.
+            sha256=None,
+        ),
+        "mquake": Source(
+            name="mquake",
+            format="mquake",
+            filename="MQuAKE-CF-3k.json",
+            description="MQuAKE-CF-3k (Zhong et al., 2023), 3,000 multi-hop cases of 1-4 edits each, MQuAKE format",
+            url="https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json",
+            # No checksum of this file is published (the repository has no release or Git-LFS
+            # pointer for it). With sha256=None the download is kept and its computed digest is
+            # logged, so that it can be filled in here.
             sha256=None,
         ),
     }

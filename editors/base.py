@@ -55,7 +55,10 @@ class EditRequest:
 
     ``prompt`` is the full prompt with the subject filled in, and ``subject`` occurs in it
     (locate-then-edit methods need the subject's position). ``target_true`` is the answer the
-    unedited fact has; it may be unknown (``None``) for datasets of new facts.
+    unedited fact has; it may be unknown (``None``) for datasets of new facts. ``group`` names
+    the edit case a request belongs to when one case asks for several edits at once (MQuAKE's
+    multi-hop chains: every rewrite of a case shares the group, and the case's multi-hop probes
+    sit on its last request); ``None`` for a request that stands alone.
     """
 
     case_id: str
@@ -71,6 +74,7 @@ class EditRequest:
     neighborhood_prompts: tuple[str, ...] = ()
     attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    group: str | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -97,6 +101,11 @@ class EditRequest:
             found.append(("target_true", f"expected a string, got {type(row['target_true']).__name__}"))
         elif isinstance(row["target_true"], str) and not row["target_true"].strip():
             found.append(("target_true", "is empty (an unknown true answer is null)"))
+        group = row["group"]
+        if group is not None and not isinstance(group, str):
+            found.append(("group", f"expected a string or null, got {type(group).__name__}"))
+        elif isinstance(group, str) and not group.strip():
+            found.append(("group", "is empty (a request without a group has group null)"))
         prompt, subject = row["prompt"], row["subject"]
         if isinstance(prompt, str) and isinstance(subject, str) and subject.strip() and subject not in prompt:
             found.append(("subject", f"{subject!r} does not occur in prompt {prompt!r}"))
@@ -130,6 +139,7 @@ class EditRequest:
             neighborhood_prompts=tuple(row.get("neighborhood_prompts", ())),
             attribute_prompts=tuple(row.get("attribute_prompts", ())),
             generation_prompts=tuple(row.get("generation_prompts", ())),
+            group=row.get("group"),
         )
 
 

@@ -2,6 +2,8 @@
 
     python edit.py --editor ft_m --model smollm2-135m --data counterfact-demo --limit 10
     python edit.py --config configs/ft_m/counterfact.yaml --editor.lr 1.0e-04
+    python edit.py --editor rome --mode sequential --limit 200 --general.tasks [hellaswag,arc_easy]
+    python edit.py compare runs/rome_seq runs/memit_seq --out runs/compare
 
 ``--editor NAME`` picks the method; its settings are ``--editor.<field>`` (``--help`` lists
 them for the chosen editor). A YAML given with ``--config`` uses the same keys, with the
@@ -21,7 +23,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from editors import available_editors, get_editor
 
-from .runner import MODES, EditRun
+from .general import GeneralConfig
+from .runner import DEFAULT_CHECKPOINTS, MODES, EditRun
 from .scoring import EvalConfig
 
 logger = logging.getLogger("edit")
@@ -80,13 +83,22 @@ def build_parser(editor_name: str) -> ArgumentParser:
     parser.add_argument("--skip_invalid", "--skip-invalid", type=bool, default=False, nargs="?", const=True, help="report and skip malformed records instead of stopping")
     parser.add_argument("--mode", type=str, default="single", choices=MODES, help="single: edit, score, revert each case; batch: several per call; sequential: edits accumulate")
     parser.add_argument("--edits_per_call", "--edits-per-call", type=int, default=1, help="requests per editor call in batch and sequential modes")
+    parser.add_argument(
+        "--checkpoints",
+        type=Optional[list[int]],
+        default=None,
+        help=f"sequential mode: numbers of edits at which all edits so far and the general suite are scored (default {list(DEFAULT_CHECKPOINTS)} up to the number of cases, and the last)",
+    )
+    parser.add_argument("--budget_threshold", "--budget-threshold", type=float, default=0.1, help="edit budget: relative fall of any general-ability score that counts as broken")
     parser.add_argument("--out", type=Optional[str], default=None, help="output folder (default runs/<editor>_<data>_<mode>); an unfinished run there is resumed")
     parser.add_argument("--overwrite", type=bool, default=False, nargs="?", const=True, help="discard results already in --out instead of resuming")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", type=str, default="float32", help="float32 (default), bfloat16, float16")
+    parser.add_argument("--device_map", "--device-map", type=Optional[str], default=None, help="'auto' spreads a large model over the available devices (accelerate); overrides --device")
     parser.add_argument("--trust_remote_code", "--trust-remote-code", type=bool, default=False, nargs="?", const=True, help="allow custom model code from the hub (off unless asked)")
     parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
     parser.add_class_arguments(EvalConfig, "eval", help="how edits are scored")
+    parser.add_class_arguments(GeneralConfig, "general", help="general-ability suite on the edited model (sequential: at checkpoints; batch: after the first call)")
     return parser
 
 
@@ -107,7 +119,7 @@ def prepare_out(parser: ArgumentParser, cfg: Namespace, out: Path) -> None:
     resolved = yaml.safe_load(parser.dump(cfg))
     saved_path = out / "config.yaml"
     if cfg.overwrite and out.exists():
-        for name in ("cases.jsonl", "pre.jsonl", "summary.json", "config.yaml"):
+        for name in ("cases.jsonl", "pre.jsonl", "summary.json", "config.yaml", "checkpoints.jsonl", "curves.png", "checkpoints.md"):
             (out / name).unlink(missing_ok=True)
         for name in ("edits", "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -134,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from evaluation.models import ModelLoadError, load_model
     from evaluation.report import summary_table
 
-    name, args = _editor_name(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:], prog="edit.py compare")
+    name, args = _editor_name(argv)
     parser = build_parser(name)
     cfg = parser.parse_args(args)
     editor_cls = get_editor(cfg.editor.name)
@@ -144,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         parser.error(f"--editor.*: {err}")
     eval_config = EvalConfig(**vars(cfg.eval))
+    general_config = GeneralConfig(**vars(cfg.general))
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
 
     skipped: list[str] = []
@@ -159,27 +177,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"edit.py: error: {err}")
     if not requests:
         raise SystemExit(f"edit.py: error: {cfg.data} holds no valid records")
-    prepare_out(parser, cfg, out)
+    from .distributed import init_from_environment
+
+    shard, device = init_from_environment(cfg.device)
+    if shard.is_main:
+        prepare_out(parser, cfg, out)
+    shard.barrier()
     logger.info("%d edit requests from %s; results in %s", len(requests), cfg.data, out)
     try:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
     except ModelLoadError as err:
         raise SystemExit(f"edit.py: error: {err}")
 
-    run = EditRun(
-        model,
-        tokenizer,
-        editor_cls(),
-        editor_config,
-        requests,
-        out,
-        mode=cfg.mode,
-        edits_per_call=cfg.edits_per_call,
-        eval_config=eval_config,
-        progress=cfg.progress,
-        info={"skipped_records": skipped} if skipped else None,
-    )
+    try:
+        run = EditRun(
+            model,
+            tokenizer,
+            editor_cls(),
+            editor_config,
+            requests,
+            out,
+            mode=cfg.mode,
+            edits_per_call=cfg.edits_per_call,
+            eval_config=eval_config,
+            progress=cfg.progress,
+            info={"skipped_records": skipped} if skipped else None,
+            checkpoints=cfg.checkpoints,
+            general=general_config,
+            budget_threshold=cfg.budget_threshold,
+        )
+    except ValueError as err:
+        raise SystemExit(f"edit.py: error: {err}")
     summary = run.run()
+    if not shard.is_main:
+        return summary
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"
     print(summary_table(summary, title))
     print(f"results: {out}/summary.json, {out}/cases.jsonl, TensorBoard: {out}/tensorboard")

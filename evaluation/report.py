@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from metrics import PROTOCOLS
+from metrics import PORTABILITY_KIND_PREFIX, protocol_of
 
 ROWS = (
     ("reliability", "edit prompt, new target: token accuracy"),
     ("generalization", "rephrased prompts: token accuracy"),
     ("locality", "unrelated prompts: agreement with unedited model"),
     ("portability", "questions that follow from the edit: token accuracy"),
+    # per-kind portability rows (portability_<kind>) are inserted here
     ("es", "efficacy: P(new) > P(true) on edit prompt"),
     ("ps", "paraphrase: P(new) > P(true)"),
     ("ns", "neighborhood: P(true) > P(new)"),
@@ -19,6 +20,12 @@ ROWS = (
     ("pm", "paraphrase magnitude"),
     ("nm", "neighborhood magnitude P(true) - P(new)"),
     ("fluency", "n-gram entropy of generations"),
+    ("gen_reliability_em", "edit prompt: greedy answer starts with new target"),
+    ("gen_reliability_contains", "edit prompt: greedy answer contains new target"),
+    ("gen_generalization_em", "rephrased prompts: greedy answer starts with new target"),
+    ("gen_generalization_contains", "rephrased prompts: greedy answer contains new target"),
+    ("gen_portability_em", "portability: greedy answer starts with an accepted answer"),
+    ("gen_portability_contains", "portability: greedy answer contains an accepted answer"),
 )
 
 
@@ -26,24 +33,35 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """:data:`ROWS` with a row for each portability kind in the summary, after ``portability``."""
+    kinds = sorted({key.removeprefix("pre_") for key in metrics if key.removeprefix("pre_").startswith(PORTABILITY_KIND_PREFIX)})
+    rows: list[tuple[str, str]] = []
+    for key, meaning in ROWS:
+        rows.append((key, meaning))
+        if key == "portability":
+            rows += [(kind, f"portability, {kind.removeprefix(PORTABILITY_KIND_PREFIX).replace('_', ' ')} probes: token accuracy") for kind in kinds]
+    return rows
+
+
 def summary_table(summary: dict[str, Any], title: str = "") -> str:
     metrics = summary["metrics"]
+    rows = [(key, meaning) for key, meaning in _rows(metrics) if f"pre_{key}" in metrics or key in metrics]
+    width = max([16] + [len(key) + 2 for key, _ in rows])
     lines = []
     if title:
         lines.append(title)
-    header = f"{'metric':<16}{'protocol':<13}{'pre':>8}{'post':>8}   meaning"
+    header = f"{'metric':<{width}}{'protocol':<13}{'pre':>8}{'post':>8}   meaning"
     lines += [header, "-" * len(header)]
-    for key, meaning in ROWS:
+    for key, meaning in rows:
         pre, post = metrics.get(f"pre_{key}"), metrics.get(key)
-        if pre is None and post is None:
-            continue
-        lines.append(f"{key:<16}{PROTOCOLS[key]:<13}{_fmt(pre):>8}{_fmt(post):>8}   {meaning}")
+        lines.append(f"{key:<{width}}{protocol_of(key):<13}{_fmt(pre):>8}{_fmt(post):>8}   {meaning}")
     lines.append("-" * len(header))
     if "seconds_per_edit" in metrics:
         lines.append(
-            f"{'seconds/edit':<16}{'efficiency':<13}{'':>8}{metrics['seconds_per_edit']:>8.2f}   mean (median {metrics['median_seconds_per_edit']:.2f})"
+            f"{'seconds/edit':<{width}}{'efficiency':<13}{'':>8}{metrics['seconds_per_edit']:>8.2f}   mean (median {metrics['median_seconds_per_edit']:.2f})"
         )
     if "peak_memory_mb" in metrics:
-        lines.append(f"{'peak memory MB':<16}{'efficiency':<13}{'':>8}{metrics['peak_memory_mb']:>8.0f}   process peak while editing")
+        lines.append(f"{'peak memory MB':<{width}}{'efficiency':<13}{'':>8}{metrics['peak_memory_mb']:>8.0f}   process peak while editing")
     lines.append(f"{summary['cases']} cases, mode {summary['mode']}, editor {summary['editor']}")
     return "\n".join(lines)

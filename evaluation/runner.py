@@ -6,7 +6,16 @@ Modes:
 * ``batch``: ``edits_per_call`` requests are edited in one call, scored, and reverted.
 * ``sequential``: edits accumulate (``edits_per_call`` requests per call); every case is scored
   on the model carrying all the edits. Each edit is saved under ``edits/`` as it is made, so an
-  interrupted run re-applies them on resume instead of recomputing.
+  interrupted run re-applies them on resume instead of recomputing. At checkpoints (by default
+  1, 5, 10, 20, 50, 100, 200, 500, 1000 edits and the last), all edits made so far are scored
+  again (retention) and the general-ability suite (:mod:`evaluation.general`) is run on the
+  edited model in memory; each checkpoint is a line of ``checkpoints.jsonl``, checkpoint 0
+  being the unedited model. The run ends with a plot of every score against the number of
+  edits, a markdown table, and the edit budget (:mod:`evaluation.compare`).
+
+Requests that share a ``group`` (the rewrites of one multi-hop case) are always edited together:
+in one call when the editor can batch, else by successive calls; in ``single`` mode the group is
+scored with all its rewrites applied and then reverted.
 
 Every finished case is appended to ``cases.jsonl`` at once (flushed and synced), holding the
 raw measurements before and after editing; ``summary.json`` is recomputed from that file, so a
@@ -21,19 +30,24 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
 from editors.base import Edit, Editor, EditorConfig, EditRequest
 from editors.lm import model_device
 
+from .distributed import current_shard
 from .efficiency import measure
 from .scoring import EvalConfig, RunMetrics, case_scores, measure_case, protocols_of
+
+if TYPE_CHECKING:
+    from .general import GeneralConfig
 
 logger = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
+DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -70,9 +84,32 @@ class JsonlWriter:
         self.handle.close()
 
 
-def _chunks(items: Sequence[EditRequest], size: int) -> Iterable[list[EditRequest]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequest]]:
+    """Requests packed into editor calls of at most ``size``; a group (consecutive requests with
+    the same ``group``) is never split, and a group larger than ``size`` is a call of its own."""
+    blocks: list[list[EditRequest]] = []
+    for request in requests:
+        group = getattr(request, "group", None)
+        if blocks and group is not None and getattr(blocks[-1][0], "group", None) == group:
+            blocks[-1].append(request)
+        else:
+            blocks.append([request])
+    units: list[list[EditRequest]] = []
+    for block in blocks:
+        if units and len(units[-1]) + len(block) <= size:
+            units[-1].extend(block)
+        else:
+            units.append(list(block))
+    return units
+
+
+def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:
+    """The numbers of edits at which a sequential run is scored: those requested (default
+    :data:`DEFAULT_CHECKPOINTS`) up to ``total``, and ``total`` itself."""
+    wanted = DEFAULT_CHECKPOINTS if requested is None else requested
+    if any(c < 1 for c in wanted):
+        raise ValueError(f"checkpoints are numbers of edits >= 1, got {list(wanted)}")
+    return sorted({c for c in wanted if c <= total} | ({total} if total else set()))
 
 
 def _record(request: EditRequest, pre: dict, post: dict, **extra: Any) -> dict[str, Any]:
@@ -103,11 +140,23 @@ class EditRun:
         eval_config: EvalConfig | None = None,
         progress: bool = True,
         info: dict[str, Any] | None = None,
+        checkpoints: Sequence[int] | None = None,
+        general: "GeneralConfig | None" = None,
+        budget_threshold: float = 0.1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "single" and edits_per_call > 1 and not editor.supports_batch:
-            raise ValueError(f"editor {editor.name!r} cannot edit several requests in one call; use edits_per_call 1")
+            raise ValueError(
+                f"editor {editor.name!r} edits one request per call and cannot batch: use --edits_per_call 1 "
+                f"(in sequential mode its edits still accumulate, one call each)"
+            )
+        self.general = general if general is not None and general.tasks else None
+        if self.general is not None and mode == "single":
+            raise ValueError("the general-ability suite needs --mode sequential (scored at checkpoints) or --mode batch (scored after the first call); in single mode every edit is reverted")
+        self.shard = current_shard()
+        if self.shard.active and (mode == "sequential" or self.general is not None):
+            raise ValueError("sharded runs (torchrun) split independent cases: use --mode single or batch, without the general-ability suite")
         self.model, self.tokenizer = model, tokenizer
         self.editor, self.editor_config = editor, editor_config
         self.requests = list(requests)
@@ -118,17 +167,26 @@ class EditRun:
         self.progress = progress
         self.device = model_device(model)
         self.cases_path = self.out / "cases.jsonl"
+        self.checkpoints_path = self.out / "checkpoints.jsonl"
+        self.checkpoints = checkpoint_schedule(len(self.requests), checkpoints)
+        self.budget_threshold = budget_threshold
         self.info = dict(info or {})  # extra run facts for summary.json (e.g. skipped records)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.shard.active:
+            (self.out / "shards").mkdir(exist_ok=True)
+        if self.shard.is_main:
+            self._merge_shards()
+        self.shard.barrier()  # every process reads the same finished cases before any writes
         done = {r["case_id"] for r in read_jsonl(self.cases_path)}
         todo = [r for r in self.requests if r.case_id not in done]
         if done:
             logger.info("resuming: %d of %d cases already in %s", len(self.requests) - len(todo), len(self.requests), self.cases_path)
         started = time.perf_counter()
-        writer = JsonlWriter(self.cases_path)
+        self.shard.barrier()
+        writer = JsonlWriter(self._shard_path() if self.shard.active else self.cases_path)
         try:
             if todo:
                 # One-time work on the unedited model (key statistics, sampled prefixes), before
@@ -139,30 +197,77 @@ class EditRun:
                 getattr(self, f"_run_{self.mode}")(todo, writer)
         finally:
             writer.close()
+        self.shard.barrier()
+        if self.shard.is_main:
+            self._merge_shards()
+        self.shard.barrier()
         return self.write_summary(time.perf_counter() - started)
+
+    def _shard_path(self, rank: int | None = None) -> Path:
+        return self.out / "shards" / f"cases-{self.shard.rank if rank is None else rank}.jsonl"
+
+    def _merge_shards(self) -> None:
+        """Fold the per-process case files of a sharded run into ``cases.jsonl``, in data order."""
+        shard_files = sorted((self.out / "shards").glob("cases-*.jsonl"))
+        if not shard_files:
+            return
+        records = {r["case_id"]: r for r in read_jsonl(self.cases_path)}
+        for path in shard_files:
+            records.update({r["case_id"]: r for r in read_jsonl(path)})
+        position = {r.case_id: i for i, r in enumerate(self.requests)}
+        ordered = sorted(records.values(), key=lambda r: (position.get(r["case_id"], len(position)), str(r["case_id"])))
+        staging = self.cases_path.with_suffix(".jsonl.merging")
+        staging.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        os.replace(staging, self.cases_path)
+        for path in shard_files:
+            path.unlink()
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="case", disable=not self.progress, dynamic_ncols=True)
 
-    def _edit(self, requests: list[EditRequest]) -> tuple[Edit, float, float]:
-        with measure(self.device) as cost:
-            edit = self.editor.apply(self.model, self.tokenizer, requests, self.editor_config)
-        return edit, cost.seconds / len(requests), cost.peak_memory_mb
+    def _edit(self, requests: list[EditRequest]) -> tuple[list[Edit], float, float]:
+        """Apply one unit: one call, or one call per request for editors that cannot batch (a
+        group's rewrites). Returns the applied edits, seconds per request and peak memory."""
+        calls = [requests] if self.editor.supports_batch or len(requests) == 1 else [[r] for r in requests]
+        edits: list[Edit] = []
+        try:
+            with measure(self.device) as cost:
+                for call in calls:
+                    edits.append(self.editor.apply(self.model, self.tokenizer, call, self.editor_config))
+        except BaseException:
+            for edit in reversed(edits):
+                edit.revert(self.model)
+            raise
+        return edits, cost.seconds / len(requests), cost.peak_memory_mb
 
     def _run_single(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
         self._run_batch(todo, writer)
 
     def _run_batch(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
+        recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
+        if self.general is not None and 0 not in recorded:
+            self._write_checkpoint(0, [], {})
+            recorded.add(0)
         with self._bar(len(todo), f"{self.editor.name} ({self.mode})") as bar:
-            for batch in _chunks(todo, self.edits_per_call):
+            units = edit_units(todo, self.edits_per_call)
+            if self.shard.active:  # every world-th call, so each process gets a fair share
+                units = units[self.shard.rank :: self.shard.world]
+                bar.total = sum(len(u) for u in units)
+            for batch in units:
                 pre = [measure_case(self.model, self.tokenizer, r, self.eval) for r in batch]
-                edit, seconds, memory = self._edit(batch)
+                edits, seconds, memory = self._edit(batch)
                 try:
                     post = [measure_case(self.model, self.tokenizer, r, self.eval) for r in batch]
+                    records = [_record(r, a, b, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(batch)) for r, a, b in zip(batch, pre, post)]
+                    # The general suite runs once, on the model carrying the first call's edits.
+                    if self.general is not None and len(recorded) == 1:
+                        self._write_checkpoint(len(batch), records, {"edit_seconds": seconds * len(batch)})
+                        recorded.add(len(batch))
                 finally:
-                    edit.revert(self.model)
-                for request, before, after in zip(batch, pre, post):
-                    writer.write(_record(request, before, after, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(batch)))
+                    for edit in reversed(edits):
+                        edit.revert(self.model)
+                for record in records:
+                    writer.write(record)
                 bar.update(len(batch))
 
     def _run_sequential(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
@@ -183,41 +288,146 @@ class EditRun:
                     bar.update()
         finally:
             pre_writer.close()
-        # 2. Apply the edits in order, re-applying the ones an interrupted run already made.
+        self._pre = pre
+        recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
+        if self.general is not None and 0 not in recorded:
+            self._write_checkpoint(0, [], {})
+            recorded.add(0)
+        # 2. Apply the edits in order: first re-apply those an interrupted run saved, then make
+        # the rest. Checkpoints are scored as the count of edited requests passes them, also
+        # while replaying (a run stopped between an edit and its checkpoint scores it on resume).
+        by_id = {r.case_id: r for r in self.requests}
+        order = {r.case_id: i for i, r in enumerate(self.requests)}
         applied: list[Edit] = []
         costs: dict[str, tuple[float, float]] = {}
-        made = set()
-        for directory in saved:
-            edit = Edit.load(directory).apply(self.model)
-            applied.append(edit)
-            made.update(edit.case_ids)
-            for case_id, cost in edit.info.get("cost", {}).items():
-                costs[case_id] = tuple(cost)
-        if saved:
-            logger.info("re-applied %d saved edits from %s", len(saved), edits_dir)
-        pending = [r for r in todo if r.case_id not in made]
+        edited: list[EditRequest] = []
+        final = len(self.requests)
         try:
+            for directory in saved:
+                edit = Edit.load(directory).apply(self.model)
+                applied.append(edit)
+                for case_id, cost in edit.info.get("cost", {}).items():
+                    costs[case_id] = tuple(cost)
+                self._advance(edited, [by_id[c] for c in edit.case_ids if c in by_id], recorded, costs, final)
+            if saved:
+                logger.info("re-applied %d saved edits from %s", len(saved), edits_dir)
+            made = {r.case_id for r in edited}
+            pending = [r for r in todo if r.case_id not in made]
             with self._bar(len(pending), f"{self.editor.name} (sequential)") as bar:
-                for batch in _chunks(pending, self.edits_per_call):
-                    edit, seconds, memory = self._edit(batch)
-                    applied.append(edit)
-                    for r in batch:
+                for unit in edit_units(pending, self.edits_per_call):
+                    edits, seconds, memory = self._edit(unit)
+                    for r in unit:
                         costs[r.case_id] = (seconds, memory)
-                    edit.info["cost"] = {r.case_id: costs[r.case_id] for r in batch}
-                    edit.save(edits_dir / f"{len(applied):06d}")
-                    bar.update(len(batch))
-            # 3. Score every case on the model carrying all edits (retention).
+                    for edit in edits:
+                        applied.append(edit)
+                        edit.info["cost"] = {c: costs[c] for c in edit.case_ids if c in costs}
+                        edit.save(edits_dir / f"{len(applied):06d}")
+                    bar.update(len(unit))
+                    self._advance(edited, unit, recorded, costs, final)
+            edited.sort(key=lambda r: order[r.case_id])
+            # 3. Score every case on the model carrying all edits (retention), then the last checkpoint.
+            records = []
             with self._bar(len(todo), "post-edit scores") as bar:
                 for index, request in enumerate(todo):
                     post = measure_case(self.model, self.tokenizer, request, self.eval)
                     seconds, memory = costs.get(request.case_id, (None, None))
-                    writer.write(
-                        _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=len(todo), edit_index=index)
-                    )
+                    record = _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=final, edit_index=order[request.case_id])
+                    writer.write(record)
+                    records.append(record)
                     bar.update()
+            if final not in recorded:
+                wanted = {r.case_id for r in self.requests}
+                finished = [r for r in read_jsonl(self.cases_path) if r["case_id"] in wanted]
+                self._write_checkpoint(final, finished, {"edit_seconds": sum(c[0] for c in costs.values() if c[0] is not None)})
+                recorded.add(final)
         finally:
             for edit in reversed(applied):
                 edit.revert(self.model)
+
+    def _advance(self, edited: list[EditRequest], unit: list[EditRequest], recorded: set[int], costs, final: int) -> None:
+        """Count a unit as edited; score a checkpoint it reaches (the last one is scored with the
+        final post-edit measurements instead)."""
+        before = len(edited)
+        edited.extend(unit)
+        now = len(edited)
+        if now == final or now in recorded or not any(before < c <= now for c in self.checkpoints):
+            return
+        records = []
+        with self._bar(now, f"retention at {now} edits") as bar:
+            for request in edited:
+                post = measure_case(self.model, self.tokenizer, request, self.eval)
+                records.append(_record(request, self._pre[request.case_id], post))
+                bar.update()
+        self._write_checkpoint(now, records, {"edit_seconds": sum(costs[r.case_id][0] for r in edited if r.case_id in costs)})
+        recorded.add(now)
+
+    def _unedited_general_path(self) -> Path:
+        """Where the unedited model's general-ability scores are kept: every run on the same
+        weights, tokenizer and suite settings shares them (they cost minutes on a CPU)."""
+        import dataclasses
+        import hashlib
+        from importlib.metadata import PackageNotFoundError, version
+
+        from editors.stats import model_fingerprint
+
+        from .models import cache_dir
+
+        try:
+            engine = version("lm_eval")
+        except PackageNotFoundError:
+            engine = "none"
+        key = json.dumps(
+            {
+                "model": model_fingerprint(self.model),
+                "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
+                "suite": dataclasses.asdict(self.general),
+                "lm_eval": engine,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return cache_dir() / "general-unedited" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def _write_checkpoint(self, edits: int, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        """Retention scores of ``records`` and the general-ability suite, on the model as it is now."""
+        started = time.perf_counter()
+        metrics = RunMetrics()
+        for record in records:
+            metrics.update(record)
+        retention = {k: v for k, v in metrics.summary().items() if not k.startswith("pre_") and "seconds" not in k and "memory" not in k}
+        general: dict[str, Any] = {}
+        general_seconds = 0.0
+        cached = False
+        if self.general is not None:
+            from .general import evaluate_general
+
+            tick = time.perf_counter()
+            stored = self._unedited_general_path() if edits == 0 else None
+            if stored is not None and stored.is_file():
+                general, cached = json.loads(stored.read_text()), True
+            else:
+                general = evaluate_general(self.model, self.tokenizer, self.general)
+                if stored is not None:
+                    stored.parent.mkdir(parents=True, exist_ok=True)
+                    staging = stored.with_suffix(f".{os.getpid()}.tmp")
+                    staging.write_text(json.dumps(general))
+                    os.replace(staging, stored)
+            general_seconds = time.perf_counter() - tick
+            logger.info("general abilities at %d edits%s: %s", edits, " (unedited model, cached)" if cached else "", json.dumps(general))
+        line = {
+            "edits": edits,
+            **extra,
+            "retention": retention,
+            "general": general,
+            "general_seconds": round(general_seconds, 3),
+            **({"general_cached": True} if cached else {}),
+            "checkpoint_seconds": round(time.perf_counter() - started, 3),
+        }
+        with open(self.checkpoints_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return line
 
     # -- outputs -------------------------------------------------------------------------------
     def write_summary(self, wall_seconds: float) -> dict[str, Any]:
@@ -225,9 +435,9 @@ class EditRun:
         wanted = {r.case_id for r in self.requests}
         records = [r for r in records if r["case_id"] in wanted]
         metrics = RunMetrics()
-        for record in records:
+        for record in records[self.shard.rank :: self.shard.world]:
             metrics.update(record)
-        flat = metrics.summary()
+        flat = metrics.summary()  # reduced over all processes of a sharded run
         summary = {
             "editor": self.editor.name,
             "mode": self.mode,
@@ -238,9 +448,31 @@ class EditRun:
             "protocols": protocols_of(flat),
             **self.info,
         }
+        if self.shard.active:
+            summary["processes"] = self.shard.world
+            if not self.shard.is_main:
+                return summary
+        if read_jsonl(self.checkpoints_path):
+            summary.update(self._checkpoint_outputs(summary))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self._tensorboard(records, flat)
         return summary
+
+    def _checkpoint_outputs(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Curves (PNG), a markdown table, TensorBoard scalars by number of edits, and the edit
+        budget when the general suite ran; returns what goes into summary.json."""
+        from . import compare
+
+        checkpoints = compare.read_checkpoints(self.checkpoints_path)
+        run = compare.Run(label=self.editor.name, path=self.out, summary=summary, checkpoints=checkpoints)
+        out: dict[str, Any] = {"checkpoints": [c["edits"] for c in checkpoints]}
+        budgets = {}
+        if checkpoints[0]["edits"] == 0 and checkpoints[0].get("general"):
+            out["edit_budget"] = budgets[run.label] = compare.edit_budget(checkpoints, threshold=self.budget_threshold)
+        compare.plot_runs([run], self.out / "curves.png", threshold=self.budget_threshold)
+        (self.out / "checkpoints.md").write_text(compare.markdown_table([run], budgets))
+        compare.write_tensorboard(checkpoints, self.out / "tensorboard")
+        return out
 
     def _tensorboard(self, records: list[dict[str, Any]], flat: dict[str, float]) -> None:
         try:

@@ -6,35 +6,63 @@ predicted under teacher forcing, per-token-averaged NLLs, generated texts) as pl
 same raw results into torchmetrics objects for the summary. Pre- and post-edit numbers come from
 this one path. A case's probes are always batched the same way (sorted within the case, never
 mixed with other cases), so pre and post forward passes see identical padding and batch shapes.
+
+Portability is scored over all of a case's probes (``portability``) and, when the probes come
+in named kinds (KnowEdit's ``Reasoning``, ``Subject_Aliasing``, ``Logical_Generalization``;
+MQuAKE's ``multi_hop`` and ``single_hop``), per kind as ``portability_<kind in lower snake
+case>``, with the same teacher-forced token protocol.
+
+Beside teacher forcing, the edit prompt, its rephrasings and the portability prompts are answered
+by greedy generation and the answers matched against the accepted ones (``gen_<group>_em``,
+``gen_<group>_contains``; :mod:`metrics.generation`): Yang et al. (2025), "The Mirage of Model
+Editing", show that teacher-forced accuracy leaks the answer's length and prefix and so
+overstates what an edited model actually says.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torchmetrics import CatMetric, MaxMetric, MeanMetric
+import torch.distributed as dist
+from torchmetrics import CatMetric, MaxMetric, MeanMetric, Metric
 
 from editors.base import EditRequest
 from editors.lm import collate_pairs, encode_pair, logits_at, model_device
 from metrics import (
-    PROTOCOLS,
+    PORTABILITY_KIND_PREFIX,
+    GenerationContains,
+    GenerationExactMatch,
     LocalityAgreement,
     NGramEntropy,
     ProbabilityComparison,
     TokenAccuracy,
+    generation_contains,
+    generation_exact_match,
     harmonic_mean,
     locality_agreement,
     mean_ngram_entropy,
     probability_comparison,
+    protocol_of,
     token_accuracy,
 )
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {"es": "new", "ps": "new", "ns": "true"}
 MAGNITUDE_KEYS = {"es": "em", "ps": "pm", "ns": "nm"}
+GENERATION_GROUPS = ("reliability", "generalization", "portability")
+GENERATION_SCORES: dict[str, Callable[..., float | None]] = {"em": generation_exact_match, "contains": generation_contains}
+GENERATION_METRICS: dict[str, type[Metric]] = {"em": GenerationExactMatch, "contains": GenerationContains}
+GENERATION_KEYS: dict[str, str] = {f"gen_{group}_{score}": score for group in GENERATION_GROUPS for score in GENERATION_SCORES}
+"""Summary key of each generation score -> ``"em"`` or ``"contains"``."""
+GENERATION_MARGIN = 3
+"""New tokens a greedy answer may have beyond its longest accepted answer's token length."""
+UNNAMED_KIND = "portability"
+"""The kind of probes that name none (EasyEdit's single portability question)."""
 
 
 @dataclass
@@ -47,6 +75,21 @@ class EvalConfig:
     generation_length: int = 100  # new tokens per generation (ROME: 100)
     top_k: int = 5  # top-k sampling for generation (ROME: 5)
     seed: int = 0  # sampling seed; the same for pre- and post-edit generation
+    generation_scoring: bool = True  # answer the edit, rephrased and portability prompts by greedy generation and score exact match / containment (gen_* keys)
+    generation_max_new_tokens: int = 16  # cap on a greedy answer's new tokens (each gets its longest accepted answer's token length + 3)
+
+    def __post_init__(self) -> None:
+        if self.generation_max_new_tokens < 1:
+            raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
+
+
+def portability_key(kind: str) -> str:
+    """The summary key of a portability probe kind: ``portability_`` and the kind in lower snake
+    case (``Subject_Aliasing`` -> ``portability_subject_aliasing``, ``MultiHop`` ->
+    ``portability_multi_hop``); a probe without a kind counts as kind ``portability``."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", kind.strip())
+    snake = re.sub(r"[^0-9A-Za-z]+", "_", snake).strip("_").lower()
+    return PORTABILITY_KIND_PREFIX + (snake or UNNAMED_KIND)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +162,103 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], config: EvalConfig)
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generated answer: the model's and the tokenizer's end of sequence."""
+    found: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(int(v) for v in value)
+    return found
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: Sequence[int], batch_size: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` (the text after each prompt, up to its end of sequence).
+
+    Prompts are sorted by token length and generated ``batch_size`` at a time, left-padded, with
+    the KV cache; a batch runs for its longest budget and each continuation is cut to its own
+    ``max_new_tokens[i]`` (greedy decoding is causal, so the cut equals a shorter run). Decoding
+    is plain greedy (``do_sample=False``, one beam, no repetition penalty), whatever sampling
+    settings the model's generation config carries, and goes through ``model.generate``, so the
+    forward hooks of memory-based editors (SERAC) apply at every step.
+    """
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    if any(n < 1 for n in max_new_tokens):
+        raise ValueError(f"every token budget must be at least 1, got {list(max_new_tokens)}")
+    if not prompts:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
+    stop = _eos_ids(model, tokenizer)
+    encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+    device = model_device(model)
+    texts: list[str | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
+            input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+            attention_mask[row, width - len(encoded[i]) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            max_new_tokens=max(max_new_tokens[i] for i in chunk),
+            pad_token_id=pad,
+            use_cache=True,
+        )
+        new = out[:, width:].tolist()
+        for row, i in enumerate(chunk):
+            tokens = new[row][: max_new_tokens[i]]
+            end = next((t for t, token in enumerate(tokens) if token in stop), len(tokens))
+            texts[i] = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    return texts  # type: ignore[return-value]
+
+
+def _generation_probes(request: EditRequest) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """Every (prompt, accepted answers) the case's greedy answers are matched against, by group."""
+    new = (request.target_new,)
+    return {
+        "reliability": [(request.prompt, new)],
+        "generalization": [(p, new) for p in request.rephrase_prompts],
+        "portability": [(q.prompt, tuple(dict.fromkeys((q.answer, *q.aliases)))) for q in request.portability],
+    }
+
+
+def measure_generation(model, tokenizer, request: EditRequest, config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
+    """Greedy answers to the case's edit, rephrased and portability prompts, with their accepted
+    answers: ``{group: [{"text": continuation, "answers": [...]}, ...]}``.
+
+    Each prompt may generate its longest accepted answer's token length (as teacher forcing
+    tokenizes it after the prompt) plus :data:`GENERATION_MARGIN` tokens, at most
+    ``config.generation_max_new_tokens``. The case's prompts are batched among themselves only,
+    so pre- and post-edit generations see the same batches.
+    """
+    groups = _generation_probes(request)
+    budgets: dict[tuple[str, tuple[str, ...]], int] = {}
+    for probes in groups.values():
+        for prompt, answers in probes:
+            if (prompt, answers) not in budgets:
+                longest = max(len(encode_pair(tokenizer, prompt, answer)[1]) for answer in answers)
+                budgets[prompt, answers] = min(longest + GENERATION_MARGIN, config.generation_max_new_tokens)
+    unique = list(dict.fromkeys((prompt, budget) for (prompt, _), budget in budgets.items()))
+    texts = greedy_continuations(model, tokenizer, [p for p, _ in unique], [n for _, n in unique], config.batch_size)
+    answered = dict(zip(unique, texts))
+    return {
+        group: [{"text": answered[prompt, budgets[prompt, answers]], "answers": list(answers)} for prompt, answers in probes]
+        for group, probes in groups.items()
+    }
+
+
 def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig) -> dict[str, Any]:
     """Raw, JSON-ready measurements of one case on the model as it is now."""
     groups = _case_pairs(request)
@@ -127,6 +267,8 @@ def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig) -> 
     raw: dict[str, Any] = {}
     for group in TOKEN_GROUPS:
         raw[group] = [{"target": scored[pair]["target"], "pred": scored[pair]["pred"]} for pair in groups[group]]
+    for item, probe in zip(raw["portability"], request.portability):
+        item["kind"] = probe.kind  # for the per-kind portability scores
     for group in PROBABILITY_GROUPS:
         if f"{group}_new" in groups:
             raw[group] = {
@@ -136,6 +278,8 @@ def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig) -> 
     if config.fluency and request.generation_prompts:
         prompts = list(dict.fromkeys(request.generation_prompts))[: config.generation_prompts]
         raw["fluency"] = {"texts": generate_texts(model, tokenizer, prompts, config)}
+    if config.generation_scoring:
+        raw["generation"] = measure_generation(model, tokenizer, request, config)
     return raw
 
 
@@ -148,12 +292,28 @@ def _ids(items: list[dict[str, Any]], key: str) -> list[torch.Tensor]:
     return [torch.tensor(item[key], dtype=torch.long) for item in items]
 
 
+def portability_by_kind(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A case's raw portability measurements split by probe kind, keyed by :func:`portability_key`;
+    empty when every probe is of the unnamed kind (then ``portability`` says it all)."""
+    kinds = [item.get("kind") or UNNAMED_KIND for item in items]
+    if all(kind == UNNAMED_KIND for kind in kinds):
+        return {}
+    split: dict[str, list[dict[str, Any]]] = {}
+    for item, kind in zip(items, kinds):
+        split.setdefault(portability_key(kind), []).append(item)
+    return split
+
+
 def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, tuple]:
     """The arguments each metric receives for one case: the one map from raw groups to metrics.
 
     ``reference`` is the unedited model's raw measurements; locality exists only with it.
+    Per-kind portability keys appear for the kinds the case has; ``gen_*`` keys when the case was
+    measured with generation scoring.
     """
     inputs: dict[str, tuple] = {group: (_ids(raw[group], "pred"), _ids(raw[group], "target")) for group in ("reliability", "generalization", "portability")}
+    for key, items in portability_by_kind(raw["portability"]).items():
+        inputs[key] = (_ids(items, "pred"), _ids(items, "target"))
     if reference is not None:
         inputs["locality"] = (_ids(raw["locality"], "pred"), _ids(reference["locality"], "pred"))
     for group in PROBABILITY_GROUPS:
@@ -161,6 +321,12 @@ def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) 
             inputs[group] = (torch.tensor(raw[group]["nll_new"]), torch.tensor(raw[group]["nll_true"]))
     if "fluency" in raw:
         inputs["fluency"] = (raw["fluency"]["texts"],)
+    if "generation" in raw:
+        for group in GENERATION_GROUPS:
+            items = raw["generation"].get(group, [])
+            answers = ([item["text"] for item in items], [item["answers"] for item in items])
+            for score in GENERATION_SCORES:
+                inputs[f"gen_{group}_{score}"] = answers
     return inputs
 
 
@@ -175,13 +341,24 @@ def case_scores(raw: dict[str, Any], reference: dict[str, Any] | None = None) ->
             scores[name] = locality_agreement(*args)
         elif name == "fluency":
             scores[name] = mean_ngram_entropy(*args)
-        else:
+        elif name in GENERATION_KEYS:
+            scores[name] = GENERATION_SCORES[GENERATION_KEYS[name]](*args)
+        else:  # reliability, generalization, portability and its kinds
             scores[name] = token_accuracy(*args)
     return scores
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class RunMetrics:
-    """torchmetrics accumulators for a run, fed one case record at a time (pre and post)."""
+    """torchmetrics accumulators for a run, fed one case record at a time (pre and post).
+
+    Per-kind portability metrics are created as their kinds turn up. In a sharded run (an
+    initialised process group) :meth:`summary` first agrees with the other processes on the set
+    of metrics, so that every process synchronises the same metrics in the same order.
+    """
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
@@ -195,13 +372,23 @@ class RunMetrics:
                 "ns": ProbabilityComparison(expect="true"),
                 "fluency": NGramEntropy(),
             }
+            metrics.update({key: GENERATION_METRICS[score]() for key, score in GENERATION_KEYS.items()})
             if stage == "post":
                 metrics["locality"] = LocalityAgreement()
             self.stages[stage] = metrics
+        self.fixed = {stage: tuple(metrics) for stage, metrics in self.stages.items()}
         self.seconds = MeanMetric()
         self.seconds_all = CatMetric()
         self.peak_memory = MaxMetric()
         self.cases = 0
+
+    def _metric(self, stage: str, name: str) -> Any:
+        metrics = self.stages[stage]
+        if name not in metrics:
+            if not name.startswith(PORTABILITY_KIND_PREFIX):
+                raise KeyError(f"no metric for {name!r}")
+            metrics[name] = TokenAccuracy()
+        return metrics[name]
 
     def update(self, record: dict[str, Any]) -> None:
         self.cases += 1
@@ -209,27 +396,43 @@ class RunMetrics:
         for stage in ("pre", "post"):
             reference = pre_raw if stage == "post" else None
             for name, args in metric_inputs(record[stage]["raw"], reference).items():
-                self.stages[stage][name].update(*args)
+                self._metric(stage, name).update(*args)
         if record.get("seconds") is not None:
             self.seconds.update(record["seconds"])
             self.seconds_all.update(record["seconds"])
         if record.get("peak_memory_mb") is not None:
             self.peak_memory.update(record["peak_memory_mb"])
 
+    def _names(self, stage: str) -> list[str]:
+        """The stage's metrics in an order every process shares: fixed ones, then kinds sorted."""
+        if _distributed():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(self.stages[stage]))
+            for name in sorted(set().union(*gathered)):
+                self._metric(stage, name)
+        fixed = self.fixed[stage]
+        return list(fixed) + sorted(name for name in self.stages[stage] if name not in fixed)
+
     def summary(self) -> dict[str, float]:
         """Flat summary: the issue's keys, ``pre_``-prefixed before editing; absent when not measured."""
         flat: dict[str, float] = {}
+        sharded = _distributed()
         for stage, metrics in self.stages.items():
             prefix = "pre_" if stage == "pre" else ""
             values: dict[str, float] = {}
-            for name, metric in metrics.items():
-                if metric.update_count == 0:  # never fed (e.g. no generations): nothing to report
+            for name in self._names(stage):
+                metric = metrics[name]
+                # Never fed here: nothing to report, unless other processes fed it (their
+                # cases count after synchronisation; a metric no process fed computes nan).
+                if metric.update_count == 0 and not sharded:
                     continue
-                if isinstance(metric, ProbabilityComparison):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
                     out = metric.compute()
+                if isinstance(metric, ProbabilityComparison):
                     values[name], values[MAGNITUDE_KEYS[name]] = float(out["success"]), float(out["magnitude"])
                 else:
-                    values[name] = float(metric.compute())
+                    values[name] = float(out)
             if all(k in values and not math.isnan(values[k]) for k in PROBABILITY_GROUPS):
                 values["score"] = harmonic_mean([values["es"], values["ps"], values["ns"]])
             for name, value in values.items():
@@ -244,8 +447,6 @@ class RunMetrics:
 
 
 def protocols_of(summary: dict[str, float]) -> dict[str, str]:
-    out = {}
-    for key in summary:
-        base = key.removeprefix("pre_").removeprefix("median_")
-        out[key] = PROTOCOLS.get(base, "efficiency" if "seconds" in base or "memory" in base else "unknown")
-    return out
+    """Summary key -> the protocol that produced it (:func:`metrics.protocol_of`): per-kind
+    portability keys are ``token``, ``gen_*`` keys ``generation``."""
+    return {key: protocol_of(key) for key in summary}

@@ -6,7 +6,9 @@ Every metric class names the protocol that produced its number in ``protocol``:
   :class:`TokenAccuracy`, :class:`LocalityAgreement`;
 * ``"probability"``: new-vs-true target likelihood comparison (ROME/MEMIT's CounterFact
   protocol; Meng et al., 2022, 2023): :class:`ProbabilityComparison`, :func:`harmonic_mean`;
-* ``"generation"``: scores of generated text (ROME's n-gram entropy): :class:`NGramEntropy`.
+* ``"generation"``: scores of generated text: ROME's n-gram entropy (:class:`NGramEntropy`) and
+  greedily generated answers matched against the accepted ones (Yang et al., 2025):
+  :class:`GenerationExactMatch`, :class:`GenerationContains`.
 
 Scores from different protocols measure different things and are never averaged together;
 :data:`PROTOCOLS` says which protocol each summary key belongs to (``"efficiency"`` for the
@@ -18,6 +20,13 @@ are skipped, and ``compute()`` with no counted case returns ``nan``.
 """
 
 from metrics.fluency import NGramEntropy, mean_ngram_entropy, ngram_entropy, word_tokenize
+from metrics.generation import (
+    GenerationContains,
+    GenerationExactMatch,
+    generation_contains,
+    generation_exact_match,
+    normalize_answer,
+)
 from metrics.probability import ProbabilityComparison, harmonic_mean, probability_comparison
 from metrics.token import LocalityAgreement, TokenAccuracy, locality_agreement, token_accuracy
 
@@ -26,6 +35,13 @@ PROTOCOLS: dict[str, str] = {
     "generalization": "token",
     "locality": "token",
     "portability": "token",
+    # portability by probe kind (KnowEdit's sections, MQuAKE's hops); any other
+    # ``portability_<kind>`` is token-protocol too (see :func:`protocol_of`)
+    "portability_reasoning": "token",
+    "portability_subject_aliasing": "token",
+    "portability_logical_generalization": "token",
+    "portability_multi_hop": "token",
+    "portability_single_hop": "token",
     "es": "probability",
     "ps": "probability",
     "ns": "probability",
@@ -34,14 +50,42 @@ PROTOCOLS: dict[str, str] = {
     "pm": "probability",
     "nm": "probability",
     "fluency": "generation",
+    "gen_reliability_em": "generation",
+    "gen_reliability_contains": "generation",
+    "gen_generalization_em": "generation",
+    "gen_generalization_contains": "generation",
+    "gen_portability_em": "generation",
+    "gen_portability_contains": "generation",
     "seconds_per_edit": "efficiency",
     "peak_memory_mb": "efficiency",
 }
 """Summary key -> the protocol that produced it (``token``, ``probability``, ``generation`` or
 ``efficiency``)."""
 
+PORTABILITY_KIND_PREFIX = "portability_"
+"""Per-kind portability keys are ``portability_<kind in lower snake case>`` (token protocol)."""
+
+
+def protocol_of(key: str) -> str:
+    """The protocol of a summary key (``pre_``/``median_`` prefixes ignored): :data:`PROTOCOLS`,
+    ``token`` for any per-kind portability key, ``efficiency`` for costs, else ``unknown``."""
+    base = key.removeprefix("pre_").removeprefix("median_")
+    if base in PROTOCOLS:
+        return PROTOCOLS[base]
+    if base.startswith(PORTABILITY_KIND_PREFIX):
+        return "token"
+    return "efficiency" if "seconds" in base or "memory" in base else "unknown"
+
+
 __all__ = [
     "PROTOCOLS",
+    "PORTABILITY_KIND_PREFIX",
+    "protocol_of",
+    "GenerationExactMatch",
+    "GenerationContains",
+    "generation_exact_match",
+    "generation_contains",
+    "normalize_answer",
     "TokenAccuracy",
     "LocalityAgreement",
     "ProbabilityComparison",

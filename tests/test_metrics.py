@@ -355,6 +355,11 @@ def test_protocols():
         "generalization",
         "locality",
         "portability",
+        "portability_reasoning",
+        "portability_subject_aliasing",
+        "portability_logical_generalization",
+        "portability_multi_hop",
+        "portability_single_hop",
     }
     assert {key for key, protocol in PROTOCOLS.items() if protocol == "probability"} == {
         "es",
@@ -365,7 +370,15 @@ def test_protocols():
         "pm",
         "nm",
     }
-    assert {key for key, protocol in PROTOCOLS.items() if protocol == "generation"} == {"fluency"}
+    assert {key for key, protocol in PROTOCOLS.items() if protocol == "generation"} == {
+        "fluency",
+        "gen_reliability_em",
+        "gen_reliability_contains",
+        "gen_generalization_em",
+        "gen_generalization_contains",
+        "gen_portability_em",
+        "gen_portability_contains",
+    }
     assert {key for key, protocol in PROTOCOLS.items() if protocol == "efficiency"} == {
         "seconds_per_edit",
         "peak_memory_mb",

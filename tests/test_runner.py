@@ -198,3 +198,147 @@ def test_sequential_resume_prepares_on_the_unedited_model(tokenizer, request_fac
     summary = run(model, resumed)
     assert summary["cases"] == 3 and "prepare_seconds" in summary
     assert list(resumed._fingerprints.values()) == [fingerprint]
+
+
+# -- sequential checkpoints, the general suite, groups ---------------------------------------
+
+
+def _weights_probe(model, tokenizer, config):
+    """A stand-in for the general suite: a number that moves when the weights move."""
+    total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    return {"probe": {"acc": total, "steps": float(len(config.tasks))}}
+
+
+def test_edit_units_keep_groups_whole(request_factory):
+    from evaluation.runner import edit_units
+
+    def req(i, group=None):
+        r = request_factory(str(i))
+        object.__setattr__(r, "group", group) if hasattr(r, "group") else None
+        return r
+
+    requests = [req(0), req(1, "g"), req(2, "g"), req(3, "g"), req(4), req(5)]
+    if not hasattr(requests[0], "group"):
+        pytest.skip("EditRequest has no group field")
+    ids = lambda units: [[r.case_id for r in u] for u in units]
+    assert ids(edit_units(requests, 1)) == [["0"], ["1", "2", "3"], ["4"], ["5"]]
+    assert ids(edit_units(requests, 2)) == [["0"], ["1", "2", "3"], ["4", "5"]]
+    assert ids(edit_units(requests, 4)) == [["0", "1", "2", "3"], ["4", "5"]]
+
+
+def test_checkpoint_schedule():
+    from evaluation.runner import checkpoint_schedule
+
+    assert checkpoint_schedule(200) == [1, 5, 10, 20, 50, 100, 200]
+    assert checkpoint_schedule(7, [10, 2, 5]) == [2, 5, 7]
+    with pytest.raises(ValueError, match="checkpoints"):
+        checkpoint_schedule(5, [0, 2])
+
+
+def _general(tasks=("piqa",)):
+    from evaluation.general import GeneralConfig
+
+    return GeneralConfig(tasks=list(tasks))
+
+
+def _seq(model, tokenizer, requests, out, editor=None, **kwargs):
+    editor = editor or get_editor("ft_m")()
+    return EditRun(model, tokenizer, editor, editor.config_class(**FT), requests, out, "sequential", 1, EvalConfig(batch_size=8, fluency=False), progress=False, **kwargs).run()
+
+
+def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
+    from conftest import build_llama
+
+    import evaluation.general
+
+    monkeypatch.setattr(evaluation.general, "evaluate_general", _weights_probe)
+    model = build_llama(len(tokenizer))
+    unedited = _weights_probe(model, tokenizer, _general())["probe"]["acc"]
+    summary = _seq(model, tokenizer, _requests(request_factory), tmp_path, checkpoints=[1, 2], general=_general())
+    lines = read_jsonl(tmp_path / "checkpoints.jsonl")
+    assert [c["edits"] for c in lines] == [0, 1, 2, 3] and summary["checkpoints"] == [0, 1, 2, 3]
+    assert lines[0]["general"]["probe"]["acc"] == unedited and lines[0]["retention"] == {}
+    assert all(c["general"]["probe"]["acc"] != unedited for c in lines[1:])  # scored on the edited model
+    # Retention at the last checkpoint is the run's post-edit summary; earlier ones cover the edits so far.
+    assert lines[-1]["retention"]["reliability"] == summary["metrics"]["reliability"]
+    records = read_jsonl(tmp_path / "cases.jsonl")
+    assert lines[-1]["retention"]["es"] == pytest.approx(sum(r["post"]["scores"]["es"] for r in records) / 3)
+    assert 0 <= lines[1]["retention"]["reliability"] <= 1 and lines[1]["edit_seconds"] <= lines[2]["edit_seconds"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Edit budget" in (tmp_path / "checkpoints.md").read_text()
+    assert summary["edit_budget"]["max_edits"] == 3
+    assert _weights_probe(model, tokenizer, _general())["probe"]["acc"] == unedited  # reverted
+    # edit.py compare reads the run back: plot, tables and the same budget.
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert json.loads((tmp_path / "cmp" / "budget.json").read_text())["ft_m"]["max_edits"] == 3
+
+
+def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
+    from conftest import build_llama
+
+    import evaluation.general
+
+    calls = []
+
+    def probe(model, tokenizer, config):
+        calls.append(1)
+        return _weights_probe(model, tokenizer, config)
+
+    monkeypatch.setattr(evaluation.general, "evaluate_general", probe)
+    requests = _requests(request_factory)
+    _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", checkpoints=[1, 2], general=_general())
+    fresh = read_jsonl(tmp_path / "fresh" / "checkpoints.jsonl")
+    calls.clear()
+    model = build_llama(len(tokenizer))
+    with pytest.raises(KeyboardInterrupt):
+        _seq(model, tokenizer, requests, tmp_path / "cut", editor=_Interrupting(get_editor("ft_m")(), fail_on=3), checkpoints=[1, 2], general=_general())
+    assert [c["edits"] for c in read_jsonl(tmp_path / "cut" / "checkpoints.jsonl")] == [0, 1, 2]
+    _seq(model, tokenizer, requests, tmp_path / "cut", checkpoints=[1, 2], general=_general())
+    resumed = read_jsonl(tmp_path / "cut" / "checkpoints.jsonl")
+    # The unedited model's scores were computed once, by the first run, and shared.
+    assert [c["edits"] for c in resumed] == [0, 1, 2, 3] and len(calls) == 3
+    assert resumed[0].get("general_cached") and not fresh[0].get("general_cached")
+    assert [c["general"] for c in resumed] == [c["general"] for c in fresh]
+    assert [c["retention"] for c in resumed] == [c["retention"] for c in fresh]
+
+
+def test_batch_mode_scores_general_after_first_call_and_single_refuses(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
+    from conftest import build_llama
+
+    import evaluation.general
+
+    monkeypatch.setattr(evaluation.general, "evaluate_general", _weights_probe)
+    model = build_llama(len(tokenizer))
+    editor = get_editor("ft_m")()
+    run = EditRun(model, tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "batch", 2, EvalConfig(batch_size=8, fluency=False), progress=False, general=_general())
+    summary = run.run()
+    lines = read_jsonl(tmp_path / "checkpoints.jsonl")
+    assert [c["edits"] for c in lines] == [0, 2] and lines[1]["general"] != lines[0]["general"]
+    assert summary["cases"] == 3
+    with pytest.raises(ValueError, match="general-ability suite needs"):
+        EditRun(model, tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path / "s", "single", general=_general())
+
+
+def test_group_is_edited_together_by_an_editor_that_cannot_batch(tokenizer, request_factory, tmp_path, isolated_cache):
+    """A multi-hop case's rewrites are all applied before it is scored, also by ROME (one
+    request per call), and all reverted afterwards."""
+    from conftest import build_llama
+
+    requests = [request_factory(str(i), prompt=f"The mother tongue of Danielle Darrieux is {w}", target_new=t) for i, (w, t) in enumerate([("a", "Paris"), ("b", "Rome")])]
+    if not hasattr(requests[0], "group"):
+        pytest.skip("EditRequest has no group field")
+    for r in requests:
+        object.__setattr__(r, "group", "case")
+    model = build_llama(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = get_editor("rome")()
+    config = editor.config_class(layer=1, v_steps=3, context_count=1, stats_samples=4, stats_max_length=8)
+    calls = []
+    original = editor.apply
+    editor.apply = lambda *a: calls.append(len(a[2])) or original(*a)
+    EditRun(model, tokenizer, editor, config, requests, tmp_path, "single", eval_config=EvalConfig(batch_size=8, fluency=False), progress=False).run()
+    assert calls == [1, 1]
+    records = read_jsonl(tmp_path / "cases.jsonl")
+    assert [r["edits_per_call"] for r in records] == [2, 2]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
