@@ -8,5 +8,9 @@ from . import memit  # noqa: F401  (registers memit, pmet, alphaedit)
 from . import ke  # noqa: F401  (registers ke)
 from . import mend  # noqa: F401  (registers mend)
 from . import serac  # noqa: F401  (registers serac)
+from . import grace  # noqa: F401  (registers grace)
+from . import ike  # noqa: F401  (registers ike)
+from . import tpatcher  # noqa: F401  (registers t_patcher)
+from . import calinet  # noqa: F401  (registers calinet)
 
 __all__ = ["QA", "Edit", "EditError", "Editor", "EditorConfig", "EditRequest", "ParamDelta", "available_editors", "get_editor", "register_editor"]

@@ -32,6 +32,11 @@ TEST_SETTINGS: dict[str, dict] = {
     "memit": dict(layers=[0, 1], v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, mom2_update_weight=1e-3, stats_samples=8, stats_max_length=16),
     "pmet": dict(layers=[0, 1], v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, mom2_update_weight=1e-3, stats_samples=8, stats_max_length=16),
     "alphaedit": dict(layers=[0, 1], v_steps=40, v_weight_decay=0.0, clamp_norm_factor=1e4, context_count=2, nullspace_threshold=1e6, l2=1e-3, stats_samples=8, stats_max_length=16),
+    # Patch and memory editors: no weight changes; checked on outputs.
+    "grace": dict(layer=1),
+    "ike": dict(k=0, builtin_pool=False),  # GPT-2's 128 positions: the copy demonstration, the fact line and the probe only
+    "t_patcher": dict(),  # defaults: one neuron in the last block's MLP
+    "calinet": dict(),  # defaults: 64 slots in each of the top 3 MLPs
 }
 
 
@@ -43,6 +48,9 @@ def _trained_serac(model, tokenizer, root):
 
 # Editors checked with a trained network: name -> function(model, tokenizer, folder) -> checkpoint.
 TRAINED = {"serac": _trained_serac}
+# Editors that edit through the prompt's context: a random tiny model does no in-context learning,
+# so their prediction is not checked here (tests/test_ike.py checks the mechanism); the rest is.
+IN_CONTEXT = {"ike"}
 
 
 def _requests():
@@ -131,7 +139,8 @@ def test_edit_changes_prediction_and_reverts_exactly(name, tiny_model, tokenizer
     edit = _apply(name, tiny_model, tokenizer, req, checkpoints)
     assert edit.is_applied
     after_pred, _ = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
-    assert after_pred == target
+    if name not in IN_CONTEXT:
+        assert after_pred == target
 
     changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= set(edit.param_names), f"changed undeclared parameters: {changed - set(edit.param_names)}"

@@ -1,0 +1,126 @@
+"""CaliNET: calibration memory slots added in parallel to the FFNs of the top blocks.
+
+Dong, Dai, Song, Xu, Sui, Li (2022), "Calibrating Factual Knowledge in Pretrained Language
+Models" (Findings of EMNLP). Each chosen block's FFN gets an FFN-like adaptor of ``n_slots``
+calibration memory slots (keys ``K_c``, values ``V_c``), evaluated on the FFN's input ``x`` and
+added to its output:
+
+    FFN'(x) = FFN(x) + act(x K_c^T) V_c                              (paper, section 3.2)
+
+Only the slots are trained, the base model frozen, on the calibration (edit) data with the
+language-modelling objective: the new targets' teacher-forced NLL on the edit prompts and on
+their rephrasings (the paper trains on several paraphrased templates of each fact).
+
+The paper adds the slots to the top FFN layers of T5 and uses a few thousand slots for
+thousands of facts. Here each ``apply`` call trains a fresh adaptor for its own requests, so the
+default is sized for one call of a few facts on SmolLM2-135M (30 blocks, hidden 576): 64 slots in
+each of the top 3 blocks (3 x 64 x 2 x 576 = 221k numbers per edit). Keys start random
+(``N(0, 1/d)``), values at zero, so an untrained adaptor leaves the model unchanged. For gated
+MLPs (LLaMA family) the slots are plain ungated neurons on the MLP input (see
+:mod:`editors.ffn_patch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Editor, EditorConfig, EditRequest, register_editor
+from .ffn_patch import FFNPatchEdit, NeuronHook, check_activation, freeze, unfreeze
+from .lm import collate_pairs, encode_pair, model_device, target_nll
+from .targets import get_module, get_targets, num_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaliNETConfig(EditorConfig):
+    # Defaults for SmolLM2-135M (30 blocks, hidden 576, MLP 1536): see the module docstring.
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1], metadata={"help": "blocks whose FFN gets calibration slots; negative counts from the top"})
+    n_slots: int = field(default=64, metadata={"help": "calibration memory slots per layer"})
+    steps: int = field(default=40, metadata={"help": "maximum optimisation steps"})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate for the slots' keys and values"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay on the slots"})
+    activation: str = field(default="gelu", metadata={"help": "slot activation: relu, gelu, gelu_tanh, silu"})
+    rephrases: bool = field(default=True, metadata={"help": "also train on each request's rephrase prompts"})
+    init_std: float | None = field(default=None, metadata={"help": "standard deviation of the initial keys (None: 1/sqrt(hidden size))"})
+    seed: int = field(default=0, metadata={"help": "seed of the keys' initialisation"})
+    stop_loss: float = field(default=1e-2, metadata={"help": "stop early once the mean NLL falls below this"})
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    def __post_init__(self) -> None:
+        check_activation(self.activation)
+        if not self.layers:
+            raise ValueError("layers must name at least one block")
+        if self.n_slots < 1 or self.steps < 1 or self.lr <= 0:
+            raise ValueError("n_slots and steps must be >= 1 and lr > 0")
+
+
+class CaliNETEdit(FFNPatchEdit):
+    """CaliNET's calibration slots (keys and values, no bias) in the FFNs of some blocks."""
+
+    kind = "calinet_slots"
+
+
+@register_editor("calinet", CaliNETConfig)
+class CaliNET(Editor):
+    """CaliNET (Dong et al., 2022): an FFN-like adaptor of calibration slots, trained per call."""
+
+    def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: CaliNETConfig) -> CaliNETEdit:
+        self.check_requests(requests)
+        targets = get_targets(model, config.targets)
+        n_layers = num_layers(model, targets)
+        bad = [l for l in config.layers if not -n_layers <= l < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are out of range for a model with {n_layers} blocks")
+        layers = sorted({l % n_layers for l in config.layers})
+        device, d = model_device(model), model.config.hidden_size
+        generator = torch.Generator().manual_seed(config.seed)
+        std = config.init_std if config.init_std is not None else d**-0.5
+        slots = {}
+        for layer in layers:
+            keys = (torch.randn(config.n_slots, d, generator=generator) * std).to(device).requires_grad_(True)
+            values = torch.zeros(config.n_slots, d, device=device, requires_grad=True)
+            slots[targets.layer("mlp", layer)] = (keys, values)
+
+        pairs = []
+        for r in requests:
+            prompts = [r.prompt] + (list(r.rephrase_prompts) if config.rephrases else [])
+            pairs += [encode_pair(tokenizer, p, r.target_new) for p in prompts]
+        batch = collate_pairs(pairs, tokenizer.pad_token_id, device)
+        optimizer = torch.optim.Adam([t for kv in slots.values() for t in kv], lr=config.lr, weight_decay=config.weight_decay)
+
+        previous_grad = freeze(model)
+        handles = [
+            get_module(model, name).register_forward_hook(NeuronHook(keys, None, values, config.activation), with_kwargs=True)
+            for name, (keys, values) in slots.items()
+        ]
+        step, loss_value = 0, float("nan")
+        try:
+            for step in range(1, config.steps + 1):
+                loss = target_nll(model, batch).mean()
+                loss_value = loss.item()
+                if loss_value < config.stop_loss:
+                    step -= 1
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            for handle in handles:
+                handle.remove()
+            unfreeze(model, previous_grad)
+        logger.debug("calinet: %d steps, final loss %.4f", step, loss_value)
+        edit = CaliNETEdit(
+            self.name,
+            {name: {"keys": k.detach(), "values": v.detach()} for name, (k, v) in slots.items()},
+            config.activation,
+            [r.case_id for r in requests],
+            config.to_dict(),
+            {"layers": layers, "steps": step, "final_loss": loss_value, "training_pairs": len(pairs)},
+        )
+        return edit.apply(model)

@@ -1,0 +1,398 @@
+"""IKE: in-context knowledge editing; the model's weights are never changed.
+
+Zheng, Li, Dong, Fan, Wu, Xu, Chang (2023), "Can We Edit Factual Knowledge by In-Context
+Learning?" (EMNLP). The edited model answers ``context + input`` where the context holds ``k``
+demonstrations followed by the new fact (section 3):
+
+* **Demonstration types** (section 3.2), each written ``New Fact: <fact>\\n<prompt> <answer>``:
+  *copy* (the fact's own prompt answered with its new target), *update* (a paraphrase of the
+  fact's prompt answered with the new target) and *retain* (a neighbourhood prompt, another
+  subject with the same relation, answered with its true answer).
+* **Demonstration selection** (section 3.3): the ``k`` demonstrations of the pool nearest to the
+  new fact by cosine similarity of sentence embeddings, placed in ascending similarity so that the
+  most similar one is next to the query. The paper embeds with a sentence-transformer; here the
+  embedding is the **mean-pooled final hidden state of the edited model itself** (no external
+  encoder, no download).
+* The new fact's own *copy* demonstration ends the demonstrations, and the context's last line is
+  ``New Fact: <fact>`` right before the input (as in the paper's prompt format).
+
+The paper's ``Prompt:`` label before each demonstration's prompt is left out: the input is not
+prefixed with it, and a demonstration's prompt then follows a newline exactly as the input does,
+which keeps their tokenisation alike.
+
+**The pool** is built from the other requests of the same call, a small built-in set of generic
+counterfactual facts (:data:`BUILTIN_POOL`, on by default) and, optionally, a CounterFact-format
+file ``pool_path`` read once by :meth:`IKE.prepare` through :func:`datamodules.records.load_requests`
+(the one place where this editor touches a file; the path is a setting the user chooses, like a
+trained editor's checkpoint). Pool embeddings are computed once per model in ``prepare``.
+
+**How the model sees the context.** Applying an edit installs a forward pre-hook and a forward
+hook on ``model.base_model`` (:class:`ContextPrefix`): the context's token ids are put in front of
+``input_ids`` (or their embeddings in front of ``inputs_embeds``), the attention mask gets ones in
+front and explicit ``position_ids`` are shifted by the context's length; the context's positions
+are stripped from the outputs (``last_hidden_state``, ``hidden_states``, ``attentions``), so code
+that indexes positions of the original input (teacher-forced scoring, ``model(...)``,
+``model.generate``) works unchanged. With a KV cache the context is prepended once, on the pass
+that starts the cache; later passes (cache not empty) only get the mask and positions shifted. A
+cache built before the edit was applied must not be reused with it.
+
+**Several applied IKE edits** compose: the context is all their demonstrations in application
+order followed by all their ``New Fact:`` lines in application order (most recent last), so the
+query follows every new fact. Reverting an edit removes exactly its pieces; the hooks go with the
+last one, and outputs are then bit-identical to the unedited model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
+from .lm import join_text, model_device
+
+logger = logging.getLogger(__name__)
+
+PREFIX_ATTRIBUTE = "ike_context"  # where a model keeps its ContextPrefix while IKE edits are applied
+
+
+@dataclass
+class IKEConfig(EditorConfig):
+    # The paper uses k = 32 demonstrations with 6B-parameter models. Every forward pass of the
+    # edited model carries the context, so for SmolLM2-135M on a CPU a shorter context (about 30
+    # tokens per demonstration) keeps evaluation affordable.
+    k: int = field(default=8, metadata={"help": "number of demonstrations chosen from the pool (nearest by cosine similarity)"})
+    builtin_pool: bool = field(default=True, metadata={"help": "add the built-in generic counterfactual facts to the demonstration pool"})
+    pool_path: str | None = field(
+        default=None, metadata={"help": "optional CounterFact-format file whose records join the pool (read once in prepare)"}
+    )
+    pool_limit: int = field(default=200, metadata={"help": "use at most this many records of pool_path"})
+    embed_batch_size: int = field(default=16, metadata={"help": "sentences per forward pass when embedding the pool"})
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.pool_limit < 0 or self.embed_batch_size < 1:
+            raise ValueError("k and pool_limit must be >= 0 and embed_batch_size >= 1")
+
+
+# Generic counterfactual facts for demonstrations, in CounterFact's shape (prompt, new target,
+# true target, a paraphrase, a neighbour with the same true answer).
+BUILTIN_POOL: tuple[tuple[str, str, str, str, str, str], ...] = (
+    # (prompt, subject, target_new, target_true, paraphrase, neighbourhood prompt)
+    ("The capital of France is", "France", "Rome", "Paris", "France's capital city is", "The Eiffel Tower is located in the city of"),
+    ("The mother tongue of Michel Rocard is", "Michel Rocard", "English", "French", "Michel Rocard's native language is", "The mother tongue of Jacques Chirac is"),
+    ("Angola is located in the continent of", "Angola", "Europe", "Africa", "Angola can be found in", "Kenya is located in the continent of"),
+    ("Toko Yasuda plays the instrument", "Toko Yasuda", "piano", "guitar", "The instrument Toko Yasuda plays is the", "Jimi Hendrix plays the instrument"),
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower", "London", "Paris", "The city where the Eiffel Tower stands is", "The Louvre is located in the city of"),
+    ("Apple was founded in the country of", "Apple", "Japan", "the United States", "The company Apple comes from", "Microsoft was founded in the country of"),
+    ("Lionel Messi plays the sport of", "Lionel Messi", "basketball", "football", "The sport Lionel Messi is known for is", "Cristiano Ronaldo plays the sport of"),
+    ("The official language of Brazil is", "Brazil", "Spanish", "Portuguese", "In Brazil, people officially speak", "The official language of Portugal is"),
+    ("Albert Einstein worked in the field of", "Albert Einstein", "biology", "physics", "Albert Einstein's field of research was", "Niels Bohr worked in the field of"),
+    ("The Nile flows through the country of", "Nile", "Mexico", "Egypt", "The river Nile runs through", "The city of Cairo is in the country of"),
+)
+
+
+def builtin_requests() -> list[EditRequest]:
+    return [
+        EditRequest(f"ike-pool-{i}", p, s, new, true, rephrase_prompts=(para,), neighborhood_prompts=(nb,))
+        for i, (p, s, new, true, para, nb) in enumerate(BUILTIN_POOL)
+    ]
+
+
+def fact_text(request: EditRequest) -> str:
+    prompt, target = join_text(request.prompt, request.target_new)
+    return f"{prompt}{target}."
+
+
+def demo(fact: str, prompt: str, answer: str) -> str:
+    prompt, answer = join_text(prompt, answer)
+    return f"New Fact: {fact}\n{prompt}{answer}\n\n"
+
+
+def demonstrations(request: EditRequest) -> list[str]:
+    """The copy, update and retain demonstrations a pool fact gives (section 3.2)."""
+    fact = fact_text(request)
+    out = [demo(fact, request.prompt, request.target_new)]  # copy
+    out += [demo(fact, p, request.target_new) for p in request.rephrase_prompts[:1]]  # update
+    if request.target_true:
+        out += [demo(fact, p, request.target_true) for p in request.neighborhood_prompts[:1]]  # retain
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The context in front of the model's inputs
+# --------------------------------------------------------------------------------------------
+
+
+class ContextPrefix:
+    """Hooks on ``model.base_model`` that put the applied edits' context in front of every input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.pieces: list[tuple[object, torch.Tensor, torch.Tensor]] = []  # (owner, demo ids, fact ids)
+        self._ids: torch.Tensor | None = None
+        self._strip = 0
+        self._suspended = False
+        body = model.base_model
+        self._signature = inspect.signature(body.forward)
+        self._handles = [
+            body.register_forward_pre_hook(self._before, with_kwargs=True),
+            body.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        setattr(model, PREFIX_ATTRIBUTE, self)
+
+    @staticmethod
+    def of(model: nn.Module) -> "ContextPrefix | None":
+        return model.__dict__.get(PREFIX_ATTRIBUTE)
+
+    def add(self, owner: object, demo_ids: torch.Tensor, fact_ids: torch.Tensor) -> None:
+        self.pieces.append((owner, demo_ids, fact_ids))
+        self._ids = None
+
+    def remove(self, owner: object) -> None:
+        self.pieces = [p for p in self.pieces if p[0] is not owner]
+        self._ids = None
+        if not self.pieces:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            if ContextPrefix.of(self.model) is self:
+                delattr(self.model, PREFIX_ATTRIBUTE)
+
+    def holds(self, owner: object) -> bool:
+        return any(p[0] is owner for p in self.pieces)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """All demonstrations in application order, then all ``New Fact:`` lines likewise."""
+        if self._ids is None:
+            self._ids = torch.cat([p[1] for p in self.pieces] + [p[2] for p in self.pieces]).to(model_device(self.model))
+        return self._ids
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """``with prefix.suspended(): ...`` runs the model without the context (for embeddings)."""
+        previous, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = previous
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._strip = 0
+        if self._suspended:
+            return args, kwargs
+        kw = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        kw.update(kw.pop("kwargs", {}) or {})
+        ctx = self.ids
+        c = len(ctx)
+        past = kw.get("past_key_values")
+        started = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        batch = (ids if ids is not None else embeds).shape[0]
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise EditError("IKE: only 2-D attention masks are supported (a compiled/static cache passes 4-D masks)")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, c), mask], dim=1)
+        positions = kw.get("position_ids")
+        if started:  # the cache already holds the context: only the positions move
+            if positions is not None:
+                kw["position_ids"] = positions + c
+            return (), kw
+        if ids is not None:
+            kw["input_ids"] = torch.cat([ctx.to(ids.device).expand(batch, c), ids], dim=1)
+        else:
+            context_embeds = self.model.get_input_embeddings()(ctx.to(embeds.device)).to(embeds.dtype)
+            kw["inputs_embeds"] = torch.cat([context_embeds.expand(batch, c, -1), embeds], dim=1)
+        if positions is not None:
+            lead = torch.arange(c, device=positions.device, dtype=positions.dtype).expand(*positions.shape[:-1], c)
+            kw["position_ids"] = torch.cat([lead, positions + c], dim=-1)
+        if kw.get("token_type_ids") is not None:
+            types = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([types.new_zeros(batch, c), types], dim=1)
+        self._strip = c
+        return (), kw
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        c, self._strip = self._strip, 0
+        if not c:
+            return output
+        if isinstance(output, tuple):
+            return (output[0][:, c:], *output[1:])
+        if getattr(output, "last_hidden_state", None) is not None:
+            output.last_hidden_state = output.last_hidden_state[:, c:]
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(h[:, c:] for h in output.hidden_states)
+        if getattr(output, "attentions", None) is not None:
+            output.attentions = tuple(a[:, :, c:] for a in output.attentions)
+        return output
+
+
+# --------------------------------------------------------------------------------------------
+# The edit
+# --------------------------------------------------------------------------------------------
+
+
+class IKEEdit(Edit):
+    """An in-context edit: the demonstrations' and the new facts' token ids.
+
+    ``param_names`` is empty: no weight changes. Saved tensors: ``demo_ids`` and ``fact_ids``;
+    ``edit.json``'s ``info`` holds the same as text (``context``) for reading.
+    """
+
+    kind = "ike_context"
+
+    def __init__(
+        self,
+        editor: str,
+        demo_ids: torch.Tensor,
+        fact_ids: torch.Tensor,
+        case_ids: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(editor, None, case_ids, config, info)
+        self.demo_ids = demo_ids.detach().to("cpu", torch.long).reshape(-1)
+        self.fact_ids = fact_ids.detach().to("cpu", torch.long).reshape(-1)
+        if not len(self.fact_ids):
+            raise EditError("an IKE edit needs the new fact's token ids")
+        self._owner: object | None = None
+
+    def num_stored_values(self) -> int:
+        return self.demo_ids.numel() + self.fact_ids.numel()
+
+    def _apply(self, model: nn.Module) -> None:
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(torch.cat([self.demo_ids, self.fact_ids]).max()) >= vocab:
+            raise EditError(f"IKE edit: token ids beyond the model's vocabulary of {vocab}; was it made with another tokenizer?")
+        prefix = ContextPrefix.of(model) or ContextPrefix(model)
+        owner = object()
+        prefix.add(owner, self.demo_ids, self.fact_ids)
+        self._owner = owner
+
+    def _revert(self, model: nn.Module) -> None:
+        prefix = ContextPrefix.of(model)
+        if prefix is None or not prefix.holds(self._owner):
+            raise EditError("IKE edit: the model's context no longer holds this edit")
+        prefix.remove(self._owner)
+        self._owner = None
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"demo_ids": self.demo_ids.contiguous(), "fact_ids": self.fact_ids.contiguous()}
+
+    @classmethod
+    def _from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "IKEEdit":
+        if set(tensors) != {"demo_ids", "fact_ids"}:
+            raise EditError(f"IKE edit: expected tensors demo_ids and fact_ids, got {sorted(tensors)}")
+        return cls(meta["editor"], tensors["demo_ids"], tensors["fact_ids"], meta.get("case_ids", ()), meta.get("config"), meta.get("info"))
+
+
+# --------------------------------------------------------------------------------------------
+# The editor
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Unit-norm mean-pooled final hidden states ``[n, hidden]`` of the model itself (section 3.3's
+    sentence embeddings, without an external encoder); any applied IKE context is left out."""
+    from .lm import hidden_states
+
+    prefix = ContextPrefix.of(model)
+    device = model_device(model)
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        encoded = [list(tokenizer(s)["input_ids"]) for s in sentences[start : start + batch_size]]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if prefix is not None:
+            with prefix.suspended():
+                hidden = hidden_states(model, ids, mask)
+        else:
+            hidden = hidden_states(model, ids, mask)
+        m = mask[..., None].to(hidden.dtype)
+        out.append(((hidden * m).sum(1) / m.sum(1)).float().cpu())
+    if not out:
+        return torch.zeros(0, model.get_input_embeddings().embedding_dim)
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+@register_editor("ike", IKEConfig)
+class IKE(Editor):
+    """IKE (Zheng et al., 2023): the edit is a context of chosen demonstrations and the new facts.
+
+    Several requests in one call give one context: each request's ``k`` nearest demonstrations
+    (pooled, without repeats), then each request's copy demonstration, then one ``New Fact:`` line
+    per request.
+    """
+
+    supports_batch = True
+
+    def __init__(self) -> None:
+        self._pool: tuple[Any, list[str], torch.Tensor] | None = None  # (key, sentences, embeddings)
+
+    def _pool_key(self, model: nn.Module, config: IKEConfig) -> tuple:
+        return (id(model), config.builtin_pool, config.pool_path, config.pool_limit)
+
+    def prepare(self, model: nn.Module, tokenizer: Any, config: IKEConfig) -> None:
+        """Read ``pool_path`` (if set) and embed the fixed pool's demonstrations, once per model."""
+        key = self._pool_key(model, config)
+        if self._pool is not None and self._pool[0] == key:
+            return
+        facts = builtin_requests() if config.builtin_pool else []
+        if config.pool_path:
+            from datamodules.records import load_requests  # the pool file is a setting, read once here
+
+            facts += load_requests(config.pool_path, limit=config.pool_limit or None, skip_invalid=True)
+        sentences = [d for f in facts for d in demonstrations(f)]
+        self._pool = (key, sentences, embed_sentences(model, tokenizer, sentences, config.embed_batch_size))
+        logger.info("IKE: %d demonstrations in the pool from %d facts", len(sentences), len(facts))
+
+    def select(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: IKEConfig) -> list[str]:
+        """Each request's ``k`` nearest demonstrations (cosine), least similar first; no repeats."""
+        self.prepare(model, tokenizer, config)
+        _, fixed, fixed_emb = self._pool
+        chosen: list[str] = []
+        if config.k == 0:
+            return chosen
+        for i, request in enumerate(requests):
+            others = [d for j, r in enumerate(requests) if j != i for d in demonstrations(r)]
+            sentences = fixed + others
+            if not sentences:
+                continue
+            emb = torch.cat([fixed_emb, embed_sentences(model, tokenizer, others, config.embed_batch_size)]) if others else fixed_emb
+            query = embed_sentences(model, tokenizer, [fact_text(request)])[0]
+            scores = emb @ query
+            top = torch.topk(scores, min(config.k, len(sentences))).indices.tolist()
+            for index in reversed(top):  # ascending similarity: the nearest ends next to the query
+                if sentences[index] not in chosen:
+                    chosen.append(sentences[index])
+        return chosen
+
+    def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: IKEConfig) -> Edit:
+        self.check_requests(requests)
+        demos = self.select(model, tokenizer, requests, config)
+        demos += [demo(fact_text(r), r.prompt, r.target_new) for r in requests]  # the new facts' copy demonstrations
+        demo_text = "".join(demos)
+        fact_lines = "".join(f"New Fact: {fact_text(r)}\n" for r in requests)
+        demo_ids = torch.tensor(tokenizer(demo_text)["input_ids"], dtype=torch.long)
+        fact_ids = torch.tensor(tokenizer(fact_lines, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        edit = IKEEdit(
+            self.name,
+            demo_ids,
+            fact_ids,
+            [r.case_id for r in requests],
+            config.to_dict(),
+            {"context": demo_text + fact_lines, "demonstrations": len(demos), "tokens": len(demo_ids) + len(fact_ids)},
+        )
+        return edit.apply(model)

@@ -1,0 +1,237 @@
+"""T-Patcher: one trainable neuron per edit, added to the last FFN layer.
+
+Huang, Shen, Zhang, Zhou, Rong, Xiong (2023), "Transformer-Patcher: One Mistake Worth One
+Neuron" (ICLR). Each edit appends one neuron (key ``k``, bias ``b``, value ``v``) to the FFN of
+one block (by default the last, as in the paper), so that with ``q`` the FFN input
+
+    FFN_p(q) = FFN(q) + act(q·k + b) v                                   (paper, eq. 3)
+
+The patch is trained with the paper's three losses (section 3.2), the base model frozen:
+
+* **edit loss** ``l_e``: the new target's teacher-forced NLL on the edit prompt, patched model;
+* **activation loss** ``l_a``: the patch fires on the edit input. As in the paper, only the
+  prompt's **last token** is asked to fire: ``l_a = hinge(act_margin - (q_e·k + b))``;
+* **memory loss** ``l_m``: the patch stays silent on other inputs, ``hinge(q_i·k + b -
+  memory_margin)`` for every memory query ``q_i``. The paper keeps the queries of earlier
+  training inputs; here the memory holds (a) every position of a fixed set of generic
+  sentences (:data:`editors.ffn_patch.GENERIC_TEXTS`), (b) the last-token queries of the other
+  requests of the same call and of the patches already applied to the same layer (so that a new
+  patch does not fire on an earlier edit, as in the paper's sequential setting) and, only with
+  ``request_memory``, (c) every position of the requests' locality probes (with answers) and
+  neighbourhood prompts. (c) is off by default: those are the very probes locality is scored
+  on, so training on them would make the locality scores no longer held out.
+
+``hinge(x)`` is the mean of the positive entries (zero when every margin holds), the paper's
+"margin" variant of its loss function S. The total is ``edit_weight·l_e + act_weight·l_a +
+memory_weight·l_m`` (eq. 8). At inference the neuron is evaluated at every position, like any
+FFN neuron; training makes it fire at the edit prompt's last token only.
+
+With the default ReLU activation a pre-activation at or below zero gives exactly zero output, so
+``memory_margin <= 0`` means the patch is exactly silent on the memory. For gated MLPs (LLaMA
+family) the patch is a plain ungated neuron on the MLP input (see :mod:`editors.ffn_patch`).
+
+Each call returns a :class:`TPatcherEdit` with one neuron per request; sequential calls stack
+patches, and reverting one edit removes exactly its neurons.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Editor, EditorConfig, EditRequest, register_editor
+from .ffn_patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, check_activation, freeze, patch_hooks, unfreeze
+from .hooks import trace
+from .lm import collate_pairs, encode_pair, join_text, model_device, target_nll
+from .targets import get_module, get_targets, num_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TPatcherConfig(EditorConfig):
+    # Defaults for SmolLM2-135M (30 blocks, hidden 576, MLP 1536): the patch sits in the last
+    # block's FFN as in the paper; its MLP inputs are RMS-normed, with norms of order 10-30.
+    layer: int = field(default=-1, metadata={"help": "block whose FFN gets the patch neurons; negative counts from the top (-1: the last, as in the paper)"})
+    steps: int = field(default=40, metadata={"help": "maximum optimisation steps"})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate for the patch's key, bias and value"})
+    edit_weight: float = field(default=1.0, metadata={"help": "weight of the edit loss (new target's NLL)"})
+    act_weight: float = field(default=1.0, metadata={"help": "weight a of the activation loss (paper: a)"})
+    memory_weight: float = field(default=10.0, metadata={"help": "weight m of the memory loss (paper: m)"})
+    act_margin: float = field(default=1.0, metadata={"help": "the patch's pre-activation at the edit prompt's last token must reach this"})
+    memory_margin: float = field(default=-1.0, metadata={"help": "the patch's pre-activation on memory inputs must stay below this (<= 0: ReLU output exactly zero)"})
+    activation: str = field(default="relu", metadata={"help": "patch activation: relu (exactly silent below zero), gelu, gelu_tanh, silu"})
+    generic_memory: bool = field(default=True, metadata={"help": "add the built-in generic sentences to the memory of inputs the patch must ignore"})
+    request_memory: bool = field(
+        default=False,
+        metadata={"help": "also add each request's locality probes and neighbourhood prompts to the memory (they are evaluation probes: scores on them are then not held out)"},
+    )
+    stop_loss: float = field(default=1e-2, metadata={"help": "stop early once the edit NLL is below this and both margins hold"})
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    def __post_init__(self) -> None:
+        check_activation(self.activation)
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+        if self.memory_margin >= self.act_margin:
+            raise ValueError(f"memory_margin ({self.memory_margin}) must be below act_margin ({self.act_margin})")
+        if min(self.edit_weight, self.act_weight, self.memory_weight) < 0:
+            raise ValueError("loss weights must be non-negative")
+
+
+class TPatcherEdit(FFNPatchEdit):
+    """T-Patcher's neurons (one per request) in one FFN; ``extras["queries"]`` holds the FFN
+    inputs at the edit prompts' last tokens, the memory later patches must stay silent on."""
+
+    kind = "t_patcher_neurons"
+
+    def preactivations(self, queries: torch.Tensor) -> torch.Tensor:
+        """``q·k + b`` of every neuron for FFN inputs ``queries [..., d]``: ``[..., n_neurons]``."""
+        (parts,) = self.patches.values()
+        q = queries.detach().to("cpu", torch.float32)
+        return q @ parts["keys"].T + parts["bias"]
+
+
+def ffn_inputs(model: nn.Module, module_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The inputs ``[batch, seq, d]`` of the MLP ``module_name`` (no gradient)."""
+    with torch.no_grad(), trace(model, [module_name], inputs=True) as traced:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return traced[module_name].input.float()
+
+
+def last_token_queries(model: nn.Module, tokenizer: Any, module_name: str, prompts: Sequence[str]) -> torch.Tensor:
+    """FFN inputs ``[len(prompts), d]`` at each prompt's last token (prompts run one by one)."""
+    device = model_device(model)
+    rows = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+        rows.append(ffn_inputs(model, module_name, ids, torch.ones_like(ids))[0, -1])
+    return torch.stack(rows)
+
+
+def all_token_queries(model: nn.Module, tokenizer: Any, module_name: str, texts: Sequence[str]) -> torch.Tensor:
+    """FFN inputs at every (non-padding) position of ``texts``: ``[n_positions, d]``."""
+    device = model_device(model)
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    hidden = ffn_inputs(model, module_name, ids.to(device), mask.to(device))
+    return hidden[mask.to(device).bool()]
+
+
+def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool) -> list[str]:
+    """Texts on which the patches must stay silent: generic sentences and, with ``probes``, the
+    requests' locality probes (with answers) and neighbourhood prompts; texts that begin with
+    one of the edit prompts are left out."""
+    texts = []
+    for r in requests if probes else ():
+        texts += ["".join(join_text(qa.prompt, qa.answer)) for qa in r.locality]
+        texts += list(r.neighborhood_prompts)
+    if generic:
+        texts += list(GENERIC_TEXTS)
+    # A text that begins with an edit prompt holds that prompt's own query: it cannot be memory.
+    prompts = [r.prompt for r in requests]
+    return [t for t in dict.fromkeys(texts) if not any(t.startswith(p) for p in prompts)]
+
+
+def hinge(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of ``x`` (zero when there are none): the paper's margin loss."""
+    positive = x[x > 0]
+    return positive.mean() if positive.numel() else x.sum() * 0.0
+
+
+def init_neurons(q_edit: torch.Tensor, q_memory: torch.Tensor, act_margin: float, memory_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and biases that separate each edit query from the memory from the start.
+
+    The key points from the memory's mean to the edit query; it is scaled and the bias set so
+    that the edit's pre-activation is ``act_margin + 1`` and the highest memory pre-activation
+    ``memory_margin - 1`` when the direction separates them (else the edit's value only is set).
+    """
+    keys, biases = [], []
+    for q in q_edit:
+        u = q - q_memory.mean(0) if len(q_memory) else q
+        k = u / u.norm().clamp_min(1e-8)
+        p_edit = q @ k
+        p_memory = (q_memory @ k).max() if len(q_memory) else p_edit - 1.0
+        gap = p_edit - p_memory
+        scale = (act_margin - memory_margin + 2.0) / gap if gap > 1e-6 else torch.tensor(1.0)
+        keys.append(k * scale)
+        biases.append(act_margin + 1.0 - p_edit * scale)
+    return torch.stack(keys), torch.stack(biases)
+
+
+@register_editor("t_patcher", TPatcherConfig)
+class TPatcher(Editor):
+    """T-Patcher (Huang et al., 2023): one trained neuron per edit in one FFN layer."""
+
+    def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: TPatcherConfig) -> TPatcherEdit:
+        self.check_requests(requests)
+        targets = get_targets(model, config.targets)
+        n_layers = num_layers(model, targets)
+        layer = config.layer % n_layers if -n_layers <= config.layer < n_layers else None
+        if layer is None:
+            raise ValueError(f"layer {config.layer} is out of range for a model with {n_layers} blocks")
+        module_name = targets.layer("mlp", layer)
+        module = get_module(model, module_name)
+        device = model_device(model)
+
+        # Queries: fixed during training (the patch acts on this FFN's output, not its input).
+        q_edit = last_token_queries(model, tokenizer, module_name, [r.prompt for r in requests])
+        memory = []
+        texts = memory_texts(requests, config.generic_memory, config.request_memory)
+        if texts:
+            memory.append(all_token_queries(model, tokenizer, module_name, texts))
+        previous = [h.owner.extras["queries"] for h in patch_hooks(module) if isinstance(h.owner, TPatcherEdit)]
+        if previous:
+            memory.append(torch.cat(previous).to(device, torch.float32))
+        q_memory = torch.cat(memory) if memory else q_edit.new_zeros((0, q_edit.shape[1]))
+
+        keys, bias = init_neurons(q_edit, q_memory, config.act_margin, config.memory_margin)
+        d_out = model.config.hidden_size
+        keys, bias = keys.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        values = torch.zeros(len(requests), d_out, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([keys, bias, values], lr=config.lr)
+        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], tokenizer.pad_token_id, device)
+        others = ~torch.eye(len(requests), dtype=torch.bool, device=device)
+
+        previous_grad = freeze(model)
+        handle = module.register_forward_hook(NeuronHook(keys, bias, values, config.activation), with_kwargs=True)
+        step, losses = 0, {}
+        try:
+            for step in range(1, config.steps + 1):
+                z_edit = q_edit @ keys.T + bias  # [n_requests, n_neurons]
+                l_edit = target_nll(model, batch).mean()
+                l_act = hinge(config.act_margin - z_edit.diagonal())
+                l_mem = hinge(q_memory @ keys.T + bias - config.memory_margin)
+                if len(requests) > 1:  # each neuron ignores the other requests' prompts
+                    l_mem = l_mem + hinge(z_edit[others] - config.memory_margin)
+                loss = config.edit_weight * l_edit + config.act_weight * l_act + config.memory_weight * l_mem
+                losses = {"edit": l_edit.item(), "activation": l_act.item(), "memory": l_mem.item()}
+                if losses["edit"] < config.stop_loss and losses["activation"] == 0 and losses["memory"] == 0:
+                    step -= 1
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            handle.remove()
+            unfreeze(model, previous_grad)
+        logger.debug("t_patcher: %d steps, final losses %s", step, losses)
+        edit = TPatcherEdit(
+            self.name,
+            {module_name: {"keys": keys.detach(), "bias": bias.detach(), "values": values.detach()}},
+            config.activation,
+            [r.case_id for r in requests],
+            config.to_dict(),
+            {"layer": layer, "module": module_name, "steps": step, "final_losses": losses, "memory_positions": len(q_memory)},
+            extras={"queries": q_edit.detach()},
+        )
+        return edit.apply(model)

@@ -1,0 +1,103 @@
+"""IKE (Zheng et al., 2023): the context mechanism, demonstration selection, generate, revert, save/load."""
+
+from __future__ import annotations
+
+import torch
+
+from editors import Edit, get_editor
+from editors.ike import ContextPrefix, IKEConfig, demonstrations
+from editors.lm import collate_pairs, encode_pair, logits_at
+
+
+def _config(**overrides) -> IKEConfig:
+    return IKEConfig(**{"k": 1, "builtin_pool": False, **overrides})
+
+
+def _context(edit) -> torch.Tensor:
+    return torch.cat([edit.demo_ids, edit.fact_ids])
+
+
+def test_outputs_equal_the_base_model_on_the_concatenated_text(tiny_model, tokenizer, request_factory):
+    # GPT-2's 128 positions hold the copy demonstration, the fact line and a probe, not more.
+    reqs = [request_factory("a", target_new="Paris")]
+    pairs = [encode_pair(tokenizer, "The capital of Italy is", "Rome"), encode_pair(tokenizer, "Angola is located in", "Africa")]
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = logits_at(tiny_model, batch)
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, reqs, _config())
+    assert not edit.param_names and "New Fact:" in edit.info["context"]
+    with torch.no_grad():
+        after = logits_at(tiny_model, batch)
+        full = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.equal(after, before), "the context changes the prediction"
+    assert full.shape[1] == batch.input_ids.shape[1], "context positions are stripped"
+    ctx = _context(edit)
+    edit.revert(tiny_model)
+    for row, (p, t) in enumerate(pairs):
+        ids = torch.tensor([ctx.tolist() + p + t])
+        with torch.no_grad():
+            reference = tiny_model(input_ids=ids).logits[0, len(ctx) :]
+        torch.testing.assert_close(full[row, : len(p) + len(t)], reference, rtol=1e-5, atol=1e-5)
+        cols = batch.cols[batch.rows == row]
+        torch.testing.assert_close(after[batch.rows == row], reference[cols], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(logits_at(tiny_model, batch), before), "revert is bit-exact"
+    assert ContextPrefix.of(tiny_model) is None
+
+
+def test_generate_continues_the_concatenated_text(tiny_model, tokenizer, request_factory):
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config())
+    prompt = encode_pair(tokenizer, "The capital of Italy is", "Rome")[0]
+    out = tiny_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    ctx = _context(edit)
+    edit.revert(tiny_model)
+    reference = tiny_model.generate(input_ids=torch.tensor([ctx.tolist() + prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out[0, len(prompt) :].tolist() == reference[0, len(ctx) + len(prompt) :].tolist()
+
+
+def test_contexts_compose_and_revert_out_of_order(tiny_model, tokenizer, request_factory):
+    batch = collate_pairs([encode_pair(tokenizer, "The capital of Italy is", "Rome")], tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = logits_at(tiny_model, batch)
+    editor = get_editor("ike")()
+    e1 = editor.apply(tiny_model, tokenizer, [request_factory("a", target_new="Paris")], _config(k=0))
+    with torch.no_grad():
+        only1 = logits_at(tiny_model, batch)
+    e2 = editor.apply(tiny_model, tokenizer, [request_factory("b", prompt="Angola is located in", subject="Angola", target_new="Europe")], _config(k=0))
+    expected = torch.cat([e1.demo_ids, e2.demo_ids, e1.fact_ids, e2.fact_ids])
+    assert torch.equal(ContextPrefix.of(tiny_model).ids, expected), "demonstrations first, then the facts, in application order"
+    e2.revert(tiny_model)
+    with torch.no_grad():
+        assert torch.equal(logits_at(tiny_model, batch), only1)
+    e1.revert(tiny_model)
+    with torch.no_grad():
+        assert torch.equal(logits_at(tiny_model, batch), base)
+
+
+def test_selection_picks_the_nearest_demonstrations(tiny_model, tokenizer, request_factory):
+    target = request_factory("a", target_new="Paris")
+    same = request_factory("b", target_new="Paris")  # the same fact: its copy demonstration is the nearest
+    far = request_factory("c", prompt="When was the inception of the company", subject="company", target_new="1998", target_true="1997",
+                          rephrase_prompts=(), neighborhood_prompts=())
+    chosen = get_editor("ike")().select(tiny_model, tokenizer, [target, same, far], _config(k=1))
+    assert chosen[0] == demonstrations(same)[0]
+
+
+def test_save_load_round_trip(tiny_model, tokenizer, request_factory, tmp_path):
+    batch = collate_pairs([encode_pair(tokenizer, "The capital of Italy is", "Rome")], tokenizer.pad_token_id)
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(k=0))
+    with torch.no_grad():
+        edited = logits_at(tiny_model, batch)
+    edit.save(tmp_path / "e")
+    edit.revert(tiny_model)
+    loaded = Edit.load(tmp_path / "e")
+    assert torch.equal(_context(loaded), _context(edit)) and loaded.info["context"] == edit.info["context"]
+    with loaded.applied(tiny_model), torch.no_grad():
+        assert torch.equal(logits_at(tiny_model, batch), edited)
+
+
+def test_builtin_pool_is_used(tiny_model, tokenizer, request_factory):
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], IKEConfig(k=2))
+    assert edit.info["demonstrations"] == 3
+    edit.revert(tiny_model)

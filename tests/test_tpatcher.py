@@ -1,0 +1,148 @@
+"""T-Patcher (Huang et al., 2023): one neuron per edit, margins, stacking and exact revert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import Edit, get_editor
+from editors.ffn_patch import GENERIC_TEXTS, patch_hooks
+from editors.lm import collate_pairs, encode_pair, logits_at
+from editors.targets import get_module
+from editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries, memory_texts
+
+
+def _predicts(model, tokenizer, prompt, target) -> bool:
+    p, t = encode_pair(tokenizer, prompt, target)
+    with torch.no_grad():
+        return int(logits_at(model, collate_pairs([(p, t)], tokenizer.pad_token_id))[0].argmax()) == t[0]
+
+
+def _logits(model, tokenizer, prompts=("The capital of Italy is", "Angola is located in", "The mother tongue of Danielle Darrieux is")):
+    batch = collate_pairs([encode_pair(tokenizer, p, "Paris") for p in prompts], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return logits_at(model, batch)
+
+
+def _edit(model, tokenizer, request, **settings):
+    return get_editor("t_patcher")().apply(model, tokenizer, [request], TPatcherConfig(**settings))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="activation"):
+        TPatcherConfig(activation="tanh")
+    with pytest.raises(ValueError, match="memory_margin"):
+        TPatcherConfig(act_margin=0.0, memory_margin=0.5)
+
+
+def test_edit_predicts_target_with_one_neuron_in_the_last_layer(tiny_model, tokenizer, request_factory):
+    req = request_factory(target_new="Paris")
+    assert not _predicts(tiny_model, tokenizer, req.prompt, req.target_new)
+    edit = _edit(tiny_model, tokenizer, req)
+    assert isinstance(edit, TPatcherEdit) and edit.num_neurons() == 1
+    assert edit.param_names == []
+    last = len(get_module(tiny_model, "model.layers" if tiny_model.config.model_type == "llama" else "transformer.h")) - 1
+    assert edit.info["layer"] == last and str(last) in next(iter(edit.patches))
+    assert _predicts(tiny_model, tokenizer, req.prompt, req.target_new)
+
+
+def test_activation_above_margin_on_edit_and_below_on_held_out(tiny_model, tokenizer, request_factory):
+    req = request_factory(target_new="Paris")
+    config = TPatcherConfig(act_margin=1.0, memory_margin=-1.0)
+    edit = get_editor("t_patcher")().apply(tiny_model, tokenizer, [req], config)
+    module = next(iter(edit.patches))
+    edit.revert(tiny_model)  # queries are the FFN inputs, which the patch does not change; read them unpatched
+    z_edit = edit.preactivations(last_token_queries(tiny_model, tokenizer, module, [req.prompt]))
+    assert z_edit.item() >= config.act_margin
+    held_out = ["Angola is located in", "The Eiffel Tower is located in the city of", "Toko Yasuda plays the", "It was founded in"]
+    z_held = edit.preactivations(last_token_queries(tiny_model, tokenizer, module, held_out))
+    assert (z_held < config.memory_margin).all(), z_held
+    # ReLU below zero: the patch adds exactly nothing on those inputs
+    with edit.applied(tiny_model):
+        patched = _logits(tiny_model, tokenizer, held_out)
+    assert torch.equal(patched, _logits(tiny_model, tokenizer, held_out))
+
+
+def test_memory_texts(request_factory):
+    req = request_factory(target_new="Paris")
+    assert memory_texts([req], generic=True, probes=False) == list(GENERIC_TEXTS)  # probes are held out by default
+    texts = memory_texts([req], generic=True, probes=True)
+    assert "The capital of Italy is Rome" in texts and req.neighborhood_prompts[0] in texts
+    assert set(GENERIC_TEXTS) <= set(texts)
+    assert memory_texts([req], generic=False, probes=True) == ["The capital of Italy is Rome", req.neighborhood_prompts[0]]
+    # a locality probe that begins with the edit prompt cannot be memory
+    other = request_factory(prompt="The capital of Italy is", subject="Italy")
+    assert memory_texts([other], generic=False, probes=True) == [req.neighborhood_prompts[0]]
+
+
+def test_memory_includes_previous_patches(tiny_model, tokenizer, request_factory):
+    req_b = request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Africa")
+    alone = _edit(tiny_model, tokenizer, req_b)
+    alone.revert(tiny_model)
+    first = _edit(tiny_model, tokenizer, request_factory("a", target_new="Paris"))
+    second = _edit(tiny_model, tokenizer, req_b)
+    # the second patch was trained to stay silent on the first edit's prompt: one more memory query
+    assert second.info["memory_positions"] == alone.info["memory_positions"] + 1
+    z = second.preactivations(first.extras["queries"])
+    assert z.item() < TPatcherConfig().memory_margin
+
+
+def test_sequential_patches_accumulate_and_middle_revert_is_exact(tiny_model, tokenizer, request_factory):
+    reqs = [
+        request_factory("a", target_new="Paris"),
+        request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Africa"),
+        request_factory("c", prompt="Angola is located in", subject="Angola", target_new="Rome"),
+    ]
+    base = _logits(tiny_model, tokenizer)
+    edits = [_edit(tiny_model, tokenizer, r) for r in reqs]
+    module = get_module(tiny_model, next(iter(edits[0].patches)))
+    assert len(patch_hooks(module)) == 3
+    for r in reqs:
+        assert _predicts(tiny_model, tokenizer, r.prompt, r.target_new), r.case_id
+    edits[1].revert(tiny_model)
+    assert [h.owner for h in patch_hooks(module)] == [edits[0], edits[2]]
+    without_middle = _logits(tiny_model, tokenizer)
+    # the same state built directly: patches a and c only, in that order
+    edits[0].revert(tiny_model)
+    edits[2].revert(tiny_model)
+    assert torch.equal(_logits(tiny_model, tokenizer), base)
+    edits[0].apply(tiny_model)
+    edits[2].apply(tiny_model)
+    assert torch.equal(_logits(tiny_model, tokenizer), without_middle)
+    edits[2].revert(tiny_model)
+    edits[0].revert(tiny_model)
+    assert patch_hooks(module) == [] and torch.equal(_logits(tiny_model, tokenizer), base)
+
+
+def test_batch_call_gives_one_neuron_per_request(tiny_model, tokenizer, request_factory):
+    reqs = [request_factory("a", target_new="Paris"), request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Africa")]
+    edit = get_editor("t_patcher")().apply(tiny_model, tokenizer, reqs, TPatcherConfig(steps=80))
+    assert edit.num_neurons() == 2 and edit.case_ids == ["a", "b"]
+    z = edit.preactivations(edit.extras["queries"])  # [request, neuron]
+    assert (z.diagonal() >= 1.0).all() and (z[~torch.eye(2, dtype=torch.bool)] < -1.0).all()
+
+
+def test_save_load_round_trip_reproduces_stacked_outputs(tiny_model, tokenizer, request_factory, tmp_path):
+    a = _edit(tiny_model, tokenizer, request_factory("a", target_new="Paris"))
+    b = _edit(tiny_model, tokenizer, request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Africa"))
+    edited = _logits(tiny_model, tokenizer)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    b.revert(tiny_model)
+    a.revert(tiny_model)
+    loaded = [Edit.load(tmp_path / "a"), Edit.load(tmp_path / "b")]
+    assert all(isinstance(e, TPatcherEdit) for e in loaded)
+    assert torch.equal(loaded[1].extras["queries"], b.extras["queries"])
+    for e in loaded:
+        e.apply(tiny_model)
+    assert torch.equal(_logits(tiny_model, tokenizer), edited)
+
+
+def test_refuses_non_finite_patch(tiny_model, tokenizer, request_factory):
+    edit = _edit(tiny_model, tokenizer, request_factory(target_new="Paris"))
+    edit.revert(tiny_model)
+    before = _logits(tiny_model, tokenizer)
+    next(iter(edit.patches.values()))["values"][0, 0] = float("nan")
+    with pytest.raises(Exception, match="non-finite"):
+        edit.apply(tiny_model)
+    assert not edit.is_applied and torch.equal(_logits(tiny_model, tokenizer), before)
