@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -101,6 +102,15 @@ def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequ
         else:
             units.append(list(block))
     return units
+
+
+def _save_atomically(edit: Edit, directory: Path) -> None:
+    """Save an edit so that an interruption never leaves a half-written edit folder behind
+    (a resumed run re-applies every folder it finds): write beside it, then rename."""
+    staging = directory.parent / f".{directory.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    edit.save(staging)
+    os.replace(staging, directory)
 
 
 def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:
@@ -321,7 +331,7 @@ class EditRun:
                     for edit in edits:
                         applied.append(edit)
                         edit.info["cost"] = {c: costs[c] for c in edit.case_ids if c in costs}
-                        edit.save(edits_dir / f"{len(applied):06d}")
+                        _save_atomically(edit, edits_dir / f"{len(applied):06d}")
                     bar.update(len(unit))
                     self._advance(edited, unit, recorded, costs, final)
             edited.sort(key=lambda r: order[r.case_id])

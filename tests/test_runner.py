@@ -342,3 +342,21 @@ def test_group_is_edited_together_by_an_editor_that_cannot_batch(tokenizer, requ
     records = read_jsonl(tmp_path / "cases.jsonl")
     assert [r["edits_per_call"] for r in records] == [2, 2]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_half_written_edit_folder_is_ignored_on_resume(tokenizer, request_factory, tmp_path):
+    """Edits are saved beside their folder and renamed into place: a folder left by an
+    interruption during the save is not re-applied (nor does it stop the resume)."""
+    from conftest import build_llama
+
+    model = build_llama(len(tokenizer))
+    requests = _requests(request_factory)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tokenizer, requests, tmp_path, "sequential", editor=_Interrupting(get_editor("ft_m")(), fail_on=3))
+    assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == ["000001", "000002"]
+    stray = tmp_path / "edits" / ".000003.partial"
+    stray.mkdir()
+    (stray / "edit.safetensors").write_bytes(b"torn")
+    summary = _run(model, tokenizer, requests, tmp_path, "sequential")
+    assert summary["cases"] == 3
+    assert sorted(p.name for p in (tmp_path / "edits").iterdir() if not p.name.startswith(".")) == ["000001", "000002", "000003"]
