@@ -165,7 +165,6 @@ class GeneralConfig:
         if self.num_fewshot < 0:
             raise ValueError(f"general num_fewshot must be >= 0, got {self.num_fewshot}")
 
-
     def limit_of(self, task: str) -> int | None:
         """Items scored for ``task``: its entry in ``task_limits``, else ``limit``."""
         return self.task_limits.get(task, self.limit) if self.task_limits else self.limit
