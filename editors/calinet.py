@@ -31,8 +31,8 @@ from torch import nn
 
 from .base import Editor, EditorConfig, EditRequest, register_editor
 from .ffn_patch import FFNPatchEdit, NeuronHook, check_activation, freeze, unfreeze
-from .lm import collate_pairs, encode_pair, model_device, target_nll
-from .targets import get_module, get_targets, num_layers
+from .lm import collate_pairs, encode_pair, minimise_target_nll, model_device
+from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,7 @@ class CaliNET(Editor):
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: CaliNETConfig) -> CaliNETEdit:
         self.check_requests(requests)
         targets = get_targets(model, config.targets)
-        n_layers = num_layers(model, targets)
-        bad = [l for l in config.layers if not -n_layers <= l < n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are out of range for a model with {n_layers} blocks")
-        layers = sorted({l % n_layers for l in config.layers})
+        layers = sorted({resolve_layer(model, targets, l) for l in config.layers})
         device, d = model_device(model), model.config.hidden_size
         generator = torch.Generator().manual_seed(config.seed)
         std = config.init_std if config.init_std is not None else d**-0.5
@@ -99,17 +95,8 @@ class CaliNET(Editor):
             get_module(model, name).register_forward_hook(NeuronHook(keys, None, values, config.activation), with_kwargs=True)
             for name, (keys, values) in slots.items()
         ]
-        step, loss_value = 0, float("nan")
         try:
-            for step in range(1, config.steps + 1):
-                loss = target_nll(model, batch).mean()
-                loss_value = loss.item()
-                if loss_value < config.stop_loss:
-                    step -= 1
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            step, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss)
         finally:
             for handle in handles:
                 handle.remove()

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .base import Edit, Editor, EditorConfig, EditRequest, register_editor, snapshot_deltas
-from .lm import PairBatch, collate_pairs, encode_pair, model_device, target_nll
+from .lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
 from .targets import get_parameter_name, get_targets
 
 logger = logging.getLogger(__name__)
@@ -84,22 +84,15 @@ class FineTune(Editor):
         for p in tuned:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(tuned, lr=config.lr, weight_decay=config.weight_decay)
-        steps_run, loss_value = 0, float("nan")
+
+        @torch.no_grad()
+        def constrain() -> None:  # FT-L: stay within norm_constraint of the original weights
+            for name, p in zip(names, tuned):
+                eps = config.norm_constraint
+                p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
+
         try:
-            for steps_run in range(1, config.steps + 1):
-                loss = target_nll(model, batch).mean()
-                loss_value = loss.item()
-                if loss_value < config.stop_loss:
-                    steps_run -= 1
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if config.norm_constraint is not None:
-                    with torch.no_grad():
-                        for name, p in zip(names, tuned):
-                            eps = config.norm_constraint
-                            p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
+            steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
         finally:
             for n, p in params.items():
                 p.requires_grad_(previous_grad[n])

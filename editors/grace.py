@@ -55,7 +55,7 @@ from torch import nn
 from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
 from .hooks import _first_tensor, _replace_first, trace
 from .lm import collate_pairs, encode_pair, model_device, target_nll
-from .targets import get_module, get_targets, num_layers
+from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -336,14 +336,6 @@ def plan_updates(existing: Entries | None, keys: torch.Tensor, labels: Sequence[
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_layer(model: nn.Module, targets, layer: int) -> int:
-    n = num_layers(model, targets)
-    index = layer + n if layer < 0 else layer
-    if not 0 <= index < n:
-        raise ValueError(f"GRACE layer {layer} is out of range for a model with {n} blocks")
-    return index
-
-
 @register_editor("grace", GRACEConfig)
 class GRACE(Editor):
     """GRACE (Hartvigsen et al., 2023): one codebook entry per edit, at the MLP of one block.
@@ -357,7 +349,7 @@ class GRACE(Editor):
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: GRACEConfig) -> Edit:
         self.check_requests(requests)
         targets = get_targets(model, config.targets)
-        module_name = targets.layer("mlp", _resolve_layer(model, targets, config.layer))
+        module_name = targets.layer("mlp", resolve_layer(model, targets, config.layer, "GRACE layer"))
         device = model_device(model)
         encoded = [encode_pair(tokenizer, r.prompt, r.target_new) for r in requests]
         labels = [r.target_new for r in requests]

@@ -27,7 +27,7 @@ from torch import nn
 
 from .base import EditError, EditorConfig, EditRequest
 from .lm import encode_pair, hidden_states, model_device, unembed
-from .targets import delta_to_param_layout, get_module, get_targets, num_layers, weight_as_out_in
+from .targets import delta_to_param_layout, get_module, get_targets, resolve_layer, weight_as_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,9 @@ def edited_modules(model: nn.Module, roles: Sequence[str], layers: Sequence[int]
     layers has, or a layer out of range, is an error.
     """
     targets = get_targets(model, overrides)
-    depth = num_layers(model, targets)
     names = []
     for layer in layers:
-        index = layer + depth if layer < 0 else layer
-        if not 0 <= index < depth:
-            raise ValueError(f"layer {layer} is out of range for a model with {depth} layers")
+        index = resolve_layer(model, targets, layer)
         for role in roles:
             if getattr(targets, role, None) is None:
                 if not hasattr(targets, role):

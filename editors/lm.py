@@ -109,3 +109,24 @@ def target_nll(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     token_nll = -logp.gather(1, batch.targets[:, None])[:, 0]
     per_seq = torch.zeros(len(batch.lengths), device=token_nll.device).index_add(0, batch.rows, token_nll)
     return per_seq / torch.tensor(batch.lengths, device=token_nll.device, dtype=per_seq.dtype)
+
+
+def minimise_target_nll(model: nn.Module, batch: PairBatch, optimizer: torch.optim.Optimizer, steps: int, stop_loss: float, after_step=None) -> tuple[int, float]:
+    """Gradient steps on the mean target NLL of ``batch`` until it falls below ``stop_loss`` or
+    ``steps`` are done; ``after_step()`` runs after each step (e.g. a projection). Returns the
+    steps taken and the last loss measured."""
+    steps_run, loss_value = 0, float("nan")
+    for steps_run in range(1, steps + 1):
+        loss = target_nll(model, batch).mean()
+        loss_value = loss.item()
+        if loss_value < stop_loss:
+            steps_run -= 1
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+    return steps_run, loss_value
+
+

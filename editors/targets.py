@@ -173,6 +173,16 @@ def num_layers(model: nn.Module, targets: ModelTargets) -> int:
     return len(get_module(model, targets.layers))
 
 
+def resolve_layer(model: nn.Module, targets: ModelTargets, layer: int, what: str = "layer") -> int:
+    """The block index ``layer`` names (negative counts from the top); ``what`` names the setting
+    in the error raised when it is out of range."""
+    depth = num_layers(model, targets)
+    index = layer + depth if layer < 0 else layer
+    if not 0 <= index < depth:
+        raise ValueError(f"{what} {layer} is out of range for a model with {depth} blocks")
+    return index
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)

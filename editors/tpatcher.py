@@ -47,7 +47,7 @@ from .base import Editor, EditorConfig, EditRequest, register_editor
 from .ffn_patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, check_activation, freeze, patch_hooks, unfreeze
 from .hooks import trace
 from .lm import collate_pairs, encode_pair, join_text, model_device, target_nll
-from .targets import get_module, get_targets, num_layers
+from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +175,7 @@ class TPatcher(Editor):
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: TPatcherConfig) -> TPatcherEdit:
         self.check_requests(requests)
         targets = get_targets(model, config.targets)
-        n_layers = num_layers(model, targets)
-        layer = config.layer % n_layers if -n_layers <= config.layer < n_layers else None
-        if layer is None:
-            raise ValueError(f"layer {config.layer} is out of range for a model with {n_layers} blocks")
+        layer = resolve_layer(model, targets, config.layer)
         module_name = targets.layer("mlp", layer)
         module = get_module(model, module_name)
         device = model_device(model)

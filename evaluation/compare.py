@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from .report import ROWS
+
 logger = logging.getLogger(__name__)
 
 HEADLINE_PREFERENCE = (
@@ -47,21 +49,9 @@ HEADLINE_PREFERENCE = (
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 """A metric whose name contains one of these is better when lower."""
 
-RETENTION_ORDER = (
-    "reliability",
-    "generalization",
-    "locality",
-    "portability",
-    "es",
-    "ps",
-    "ns",
-    "score",
-    "em",
-    "pm",
-    "nm",
-    "fluency",
-)
-"""Display order of retention keys; keys not listed follow in the order they first appear."""
+RETENTION_ORDER = tuple(key for key, _ in ROWS)
+"""Display order of retention keys, that of ``edit.py``'s printed table; keys not listed follow in
+the order they first appear."""
 
 BOUND_SLACK = 1e-9
 """Relative slack when comparing a score with its tolerance bound, so that a score written exactly

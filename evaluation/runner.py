@@ -433,10 +433,11 @@ class EditRun:
             **({"general_cached": True} if cached else {}),
             "checkpoint_seconds": round(time.perf_counter() - started, 3),
         }
-        with open(self.checkpoints_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        writer = JsonlWriter(self.checkpoints_path)
+        try:
+            writer.write(line)
+        finally:
+            writer.close()
         return line
 
     # -- outputs -------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def main() -> None:
         config = replace(base_config, mom2_update_weight=lam)
         with measure(device) as cost:
             edit = editor.apply(model, tokenizer, requests, config)
-        es = edit_success(model, tokenizer, requests, device, args.es_batch)
+        es = edit_success(model, tokenizer, requests, args.es_batch)
         steps = edit.info.get("v_steps", [])
         what = "edits in one call" if index == 0 else "edits, re-solved with the same target vectors"
         print(f"{args.method} lambda {lam:g}: {len(requests)} {what}: {cost.seconds:.0f} s ({cost.seconds / len(requests):.2f} s/edit; target vectors {memo[1]:.0f} s), "
@@ -77,18 +77,13 @@ def main() -> None:
         edit.revert(model)
 
 
-def edit_success(model, tokenizer, requests, device, batch: int) -> float:
+def edit_success(model, tokenizer, requests, batch: int) -> float:
     """Share of requests whose edit prompt gives the new target a lower NLL than the true one."""
-    from editors.lm import collate_pairs, encode_pair, target_nll
+    from evaluation.scoring import score_pairs
 
-    wins = 0
-    with torch.no_grad():
-        for k in range(0, len(requests), batch):
-            chunk = requests[k : k + batch]
-            pairs = [encode_pair(tokenizer, r.prompt, t) for r in chunk for t in (r.target_new, r.target_true)]
-            nll = target_nll(model, collate_pairs(pairs, tokenizer.pad_token_id, device)).view(-1, 2)
-            wins += int((nll[:, 0] < nll[:, 1]).sum())
-    return wins / len(requests)
+    pairs = [(r.prompt, t) for r in requests for t in (r.target_new, r.target_true)]
+    nll = [s["nll"] for s in score_pairs(model, tokenizer, pairs, batch_size=2 * batch)]
+    return sum(new < true for new, true in zip(nll[::2], nll[1::2])) / len(requests)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editors.targets import ModelTargets, get_module, num_layers
+from editors.targets import ModelTargets, get_module, num_layers, resolve_layer
 
 
 class SharedEmbedding(nn.Module):
@@ -75,9 +75,7 @@ class SERACNetwork(nn.Module):
     def __init__(self, model: nn.Module, targets: ModelTargets, classifier_layer: int, embedding_dim: int, cf_layers: int, init_scale: float, init_threshold: float) -> None:
         super().__init__()
         depth = num_layers(model, targets)
-        layer = classifier_layer + depth if classifier_layer < 0 else classifier_layer
-        if not 0 <= layer < depth:
-            raise ValueError(f"classifier_layer {classifier_layer} is out of range for a model with {depth} blocks")
+        layer = resolve_layer(model, targets, classifier_layer, "classifier_layer")
         if cf_layers > depth:
             raise ValueError(f"cf_layers {cf_layers} exceeds the model's {depth} blocks")
         self.feature_module = f"{targets.layers}.{layer}"
