@@ -62,7 +62,14 @@ def _timeless(records):
 
 @pytest.mark.parametrize("mode,per_call", [("single", 1), ("batch", 2)])
 def test_two_processes_equal_one(mode, per_call, tmp_path):
-    one = _run(str(tmp_path / "one"), mode, per_call)
+    # Both sides run on one thread: a different thread count changes float summation order, and
+    # equality here is bit-for-bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _run(str(tmp_path / "one"), mode, per_call)
+    finally:
+        torch.set_num_threads(threads)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), mode, per_call), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     # The shards are merged into one cases file, in data order, with the same measurements.
