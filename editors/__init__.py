@@ -12,5 +12,6 @@ from . import grace  # noqa: F401  (registers grace)
 from . import ike  # noqa: F401  (registers ike)
 from . import tpatcher  # noqa: F401  (registers t_patcher)
 from . import calinet  # noqa: F401  (registers calinet)
+from . import wise  # noqa: F401  (registers wise)
 
 __all__ = ["QA", "Edit", "EditError", "Editor", "EditorConfig", "EditRequest", "ParamDelta", "available_editors", "get_editor", "register_editor"]

@@ -37,6 +37,8 @@ TEST_SETTINGS: dict[str, dict] = {
     "ike": dict(k=0, builtin_pool=False),  # GPT-2's 128 positions: the copy demonstration, the fact line and the probe only
     "t_patcher": dict(),  # defaults: one neuron in the last block's MLP
     "calinet": dict(),  # defaults: 64 slots in each of the top 3 MLPs
+    # A tiny random model's FFN activations are small: routing margins scaled down with them.
+    "wise": dict(layer=1, alpha=1.0, beta=2.0, gamma=0.0, lr=100.0, steps=100, norm_constraint=None),
 }
 
 

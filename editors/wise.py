@@ -1,0 +1,445 @@
+"""WISE: a side memory beside one FFN value matrix, with activation routing, sharding and merging.
+
+Wang, Li, Yao, Xi, Zhang, Chen, Zhang, Chen (2024), "WISE: Rethinking the Knowledge Memory for
+Lifelong Model Editing of Large Language Models" (NeurIPS). The FFN value matrix ``W_v`` of one
+block (its output projection, ``down_proj``/``c_proj``) is the *main memory*; edits go into a
+*side memory* ``W_v' = W_v + D``, a copy of it that is trained while the model stays frozen.
+Section 3 of the paper:
+
+* **Routing (eq. 3-4).** The activation of an input under the side memory is
+  ``Delta_act(x) = || A(x) (W_v' - W_v) ||_2 = || a D^T ||_2``, with ``a`` the FFN's hidden
+  activation (the value matrix's input). An input whose activation exceeds the threshold
+  ``eps`` is answered by the side memory, any other by the main memory.
+* **Routing loss (eq. 5).** Besides the target's NLL, training asks the edit's activation to
+  reach ``beta``, the activation of irrelevant inputs to stay below ``alpha``, and the first to
+  exceed the second by ``gamma``: ``hinge(Delta_irr - alpha) + hinge(beta - Delta_edit) +
+  hinge(Delta_irr - Delta_edit + gamma)``, each hinge the mean of its positive entries.
+  ``eps`` is ``act_ratio`` times the smallest activation of the stored edits.
+* **Knowledge sharding (section 3.2).** Edits are written into shards: each shard may change
+  only a random subset (``mask_ratio``) of the side memory's entries, a fresh subset per shard,
+  so different shards mostly touch different entries. A shard takes ``shard_size`` edits.
+* **Knowledge merging.** The shards' deltas are merged into one side memory with TIES-merging
+  (Yadav et al., 2023: trim each delta to its ``density`` largest-magnitude entries, elect each
+  entry's sign by the sum, average the entries that agree with it).
+
+Implementation choices (documented because they differ from the reference code or are left open):
+
+* **Routing is decided per position**, each token by its own activation. The reference code
+  takes the mean activation of a whole input and routes the whole input, which assumes one
+  input per forward call and breaks under KV-cache generation (later calls see one token) and
+  under batched, prefix-shared scoring. Per position, teacher-forced scoring, batched scoring and
+  cached generation take the same decisions, and positions that do not fire keep the main
+  memory's output bit for bit. Accordingly, training applies the side memory at the positions
+  that predict the target (the prompt's last token and the target's teacher-forced positions),
+  and those are the edit's activations that must reach ``beta`` and that set ``eps``.
+  Irrelevant inputs are every position of a fixed set of generic sentences
+  (:data:`editors.ffn_patch.GENERIC_TEXTS`), never the requests' locality probes (they are what
+  locality is scored on).
+* ``eps`` is recomputed from the stored edits' activations under the side memory as it is now
+  (after later edits of the same shard and after merging), not frozen at training time.
+* The side memory's output is ``W_v a + D a``: the main memory's output plus the delta's, so the
+  main weights are never copied or changed. The norm constraint clamps each entry of ``D`` to
+  ``[-norm_constraint, norm_constraint]`` (``W_v'`` stays within that of ``W_v``), as in the
+  reference code. Training uses SGD with weight decay on the current shard only; other shards
+  are not active while a shard trains.
+* All shards, the one still filling included, are merged into the side memory the model uses;
+  with a single shard the side memory is that shard.
+
+Edits are reversible and ordered like GRACE's codebook: the model's side memory at a module is
+the list of applied :class:`WISEEdit` s, each holding the change it made to its shard (its
+values on the shard's mask, which is regenerated from the edit's seed and shard index). The
+shards, the merge and the threshold are recomputed from that list, so reverting an edit gives
+exactly the memory the remaining edits give, and the hook is removed with the last edit.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
+from .ffn_patch import GENERIC_TEXTS, freeze, module_input, unfreeze
+from .hooks import _first_tensor, _replace_first, trace
+from .lm import collate_pairs, encode_pair, model_device, target_nll
+from .targets import get_module, get_targets, resolve_layer
+
+logger = logging.getLogger(__name__)
+
+MEMORY_ATTRIBUTE = "wise_memories"  # where a model keeps its side memories (module name -> SideMemory)
+
+
+@dataclass
+class WISEConfig(EditorConfig):
+    # SmolLM2-135M has 30 blocks. The paper puts the side memory in a late block's value matrix
+    # (LLaMA-2-7B: block 27 of 32, about 0.85 of the depth); 0.85 of 30 is block 25.
+    layer: int = field(default=25, metadata={"help": "block whose FFN value matrix (MLP output projection) gets the side memory; negative counts from the top"})
+    steps: int = field(default=70, metadata={"help": "most optimisation steps per call (the paper's n_iter)"})
+    lr: float = field(default=1.0, metadata={"help": "SGD learning rate of the side memory"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "SGD weight decay of the side memory's delta"})
+    alpha: float = field(default=5.0, metadata={"help": "irrelevant inputs' activation must stay below this (routing loss)"})
+    beta: float = field(default=20.0, metadata={"help": "the edit's activation must reach this (routing loss)"})
+    gamma: float = field(default=10.0, metadata={"help": "margin between the edit's and irrelevant inputs' activations (routing loss)"})
+    act_ratio: float = field(default=0.88, metadata={"help": "threshold eps = act_ratio * the smallest activation of a stored edit"})
+    mask_ratio: float = field(default=0.2, metadata={"help": "share of the side memory's entries a shard may change (knowledge sharding)"})
+    shard_size: int = field(default=50, metadata={"help": "requests written into one shard before the next shard (a new random mask) starts"})
+    density: float = field(default=0.53, metadata={"help": "TIES trimming: share of each shard's entries (of all entries) kept when merging, largest magnitudes first"})
+    norm_constraint: float | None = field(default=1.0, metadata={"help": "clamp each entry of the side memory's delta to +-this (null: no clamp)"})
+    stop_loss: float = field(default=1e-2, metadata={"help": "stop once the target NLL is below this and every routing margin holds"})
+    seed: int = field(default=0, metadata={"help": "seed of the shards' random masks"})
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("steps must be >= 0 and lr positive")
+        if not 0 < self.mask_ratio <= 1 or not 0 < self.density <= 1:
+            raise ValueError(f"mask_ratio ({self.mask_ratio}) and density ({self.density}) must be in (0, 1]")
+        if not 0 < self.act_ratio <= 1:
+            raise ValueError(f"act_ratio must be in (0, 1], got {self.act_ratio}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.alpha >= self.beta:
+            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta})")
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and merging
+# --------------------------------------------------------------------------------------------
+
+
+def shard_mask(shape: Sequence[int], ratio: float, seed: int, shard: int) -> torch.Tensor:
+    """The entries (bool, ``shape``) shard ``shard`` may change: a fixed random ``ratio`` of them."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(shard))
+    return torch.rand(tuple(shape), generator=generator) < ratio
+
+
+def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES-merging (Yadav et al., 2023) of task deltas: trim, elect sign, disjoint mean.
+
+    Each delta keeps its ``density`` share (of all entries) of largest magnitudes; each entry's
+    sign is the sign of the trimmed deltas' sum; the merged entry is the mean of the trimmed
+    values that are non-zero and agree with that sign (zero where none does).
+    """
+    if len(deltas) == 1:
+        return deltas[0].clone()
+    trimmed = []
+    for delta in deltas:
+        keep = max(1, int(round(density * delta.numel())))
+        if keep >= delta.numel():
+            trimmed.append(delta)
+            continue
+        threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
+        trimmed.append(torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
+    stacked = torch.stack(trimmed)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0)
+    total = torch.where(agree, stacked, torch.zeros_like(stacked)).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def activations(inputs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``Delta_act = || a D^T ||_2`` for FFN activations ``inputs [..., d_ff]`` and ``delta [d_out, d_ff]``."""
+    return (inputs.float() @ delta.T).norm(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The side memory of one module (a forward hook)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryState:
+    delta: torch.Tensor  # [d_out, d_ff] float32: the merged side memory minus the main memory
+    eps: float  # routing threshold
+    shards: int
+
+
+class SideMemory:
+    """The WISE side memory of one FFN value matrix: the applied edits, in order, and the hook."""
+
+    def __init__(self, model: nn.Module, module_name: str) -> None:
+        self.model, self.module_name = model, module_name
+        self.edits: list[WISEEdit] = []
+        self.enabled = True
+        self._state: MemoryState | None = None
+        self._handle = get_module(model, module_name).register_forward_hook(self._hook, with_kwargs=True)
+        model.__dict__.setdefault(MEMORY_ATTRIBUTE, {})[module_name] = self
+
+    @staticmethod
+    def of(model: nn.Module, module_name: str) -> "SideMemory | None":
+        return model.__dict__.get(MEMORY_ATTRIBUTE, {}).get(module_name)
+
+    def add(self, edit: "WISEEdit") -> None:
+        if any(e.uid == edit.uid for e in self.edits):
+            raise EditError(f"WISE edit {edit.uid} is already in this model's side memory")
+        self.edits.append(edit)
+        self._state = None
+
+    def remove(self, edit: "WISEEdit") -> None:
+        self.edits = [e for e in self.edits if e is not edit]
+        self._state = None
+        if not self.edits:
+            self._handle.remove()
+            memories = self.model.__dict__.get(MEMORY_ATTRIBUTE, {})
+            memories.pop(self.module_name, None)
+            if not memories:
+                self.model.__dict__.pop(MEMORY_ATTRIBUTE, None)
+
+    def requests(self) -> int:
+        return sum(len(e.case_ids) or 1 for e in self.edits)
+
+    def shard_delta(self, shard: int) -> torch.Tensor | None:
+        """The delta of one shard: its edits' values scattered onto its mask, summed in order."""
+        edits = [e for e in self.edits if e.shard == shard]
+        if not edits:
+            return None
+        delta = torch.zeros(edits[0].shape)
+        for edit in edits:
+            delta[edit.mask()] += edit.values
+        return delta
+
+    @property
+    def state(self) -> MemoryState:
+        if self._state is None:
+            shards = sorted({e.shard for e in self.edits})
+            deltas = [self.shard_delta(s) for s in shards]
+            density = self.edits[-1].density
+            delta = ties_merge(deltas, density)
+            inputs = [e.answer_inputs for e in self.edits if e.answer_inputs.numel()]
+            lowest = float(activations(torch.cat(inputs), delta).min()) if inputs else float("inf")
+            ratio = self.edits[-1].act_ratio
+            self._state = MemoryState(delta.to(model_device(self.model)), ratio * lowest, len(shards))
+        return self._state
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.enabled:
+            return output
+        state = self.state
+        x = module_input(args, kwargs)
+        out = _first_tensor(output)
+        extra = x @ state.delta.to(x.dtype).T
+        fire = extra.float().norm(dim=-1) > state.eps  # eq. 4, per position
+        if not bool(fire.any()):
+            return output
+        return _replace_first(output, torch.where(fire[..., None], out + extra.to(out.dtype), out))
+
+
+# --------------------------------------------------------------------------------------------
+# The edit
+# --------------------------------------------------------------------------------------------
+
+
+class WISEEdit(Edit):
+    """One call's change to a WISE shard: its values on the shard's mask, and its activations.
+
+    ``param_names`` is empty: no weight changes. Saved tensors: ``values`` (the change on the
+    mask, in the mask's row-major order) and ``answer_inputs`` (the FFN activations at the
+    positions that predict the targets, which set the routing threshold); ``edit.json``'s
+    ``info`` holds the module, ``uid``, ``shard``, ``seed``, ``shape``, ``mask_ratio``,
+    ``density`` and ``act_ratio``.
+    """
+
+    kind = "wise_side_memory"
+
+    def __init__(
+        self,
+        editor: str,
+        module: str,
+        values: torch.Tensor,
+        answer_inputs: torch.Tensor,
+        shape: Sequence[int],
+        shard: int,
+        seed: int,
+        mask_ratio: float,
+        density: float,
+        act_ratio: float,
+        uid: str | None = None,
+        case_ids: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(editor, None, case_ids, config, info)
+        self.module = module
+        self.uid = uid or uuid.uuid4().hex
+        self.values = values.detach().to("cpu", torch.float32).reshape(-1)
+        self.answer_inputs = answer_inputs.detach().to("cpu", torch.float32)
+        self.shape = tuple(int(s) for s in shape)
+        self.shard, self.seed = int(shard), int(seed)
+        self.mask_ratio, self.density, self.act_ratio = float(mask_ratio), float(density), float(act_ratio)
+        if len(self.shape) != 2 or self.answer_inputs.dim() != 2 or self.answer_inputs.shape[1] != self.shape[1]:
+            raise EditError(f"WISE edit: side memory shape {self.shape} and answer inputs {tuple(self.answer_inputs.shape)} disagree")
+        self._mask: torch.Tensor | None = None
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = shard_mask(self.shape, self.mask_ratio, self.seed, self.shard)
+            if int(self._mask.sum()) != self.values.numel():
+                raise EditError(f"WISE edit: {self.values.numel()} values but the mask of shard {self.shard} (seed {self.seed}) has {int(self._mask.sum())} entries")
+        return self._mask
+
+    def num_stored_values(self) -> int:
+        return self.values.numel() + self.answer_inputs.numel()
+
+    def _apply(self, model: nn.Module) -> None:
+        for name, tensor in (("values", self.values), ("answer_inputs", self.answer_inputs)):
+            if not torch.isfinite(tensor).all():
+                raise EditError(f"WISE edit: {name} contain non-finite values (NaN or inf); refusing to apply it")
+        self.mask()
+        module = get_module(model, self.module)  # a clear error if the model lacks it
+        weight = getattr(module, "weight", None)
+        if weight is not None and sorted(weight.shape) != sorted(self.shape):
+            raise EditError(f"WISE edit of {self.module}: side memory {self.shape} does not fit its weight {tuple(weight.shape)}")
+        memory = SideMemory.of(model, self.module) or SideMemory(model, self.module)
+        memory.add(self)
+
+    def _revert(self, model: nn.Module) -> None:
+        memory = SideMemory.of(model, self.module)
+        if memory is None or not any(e is self for e in memory.edits):
+            raise EditError("WISE edit: the model's side memory no longer holds this edit")
+        memory.remove(self)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.contiguous(), "answer_inputs": self.answer_inputs.contiguous()}
+
+    def save(self, directory):
+        self.info.update(
+            module=self.module, uid=self.uid, shard=self.shard, seed=self.seed, shape=list(self.shape),
+            mask_ratio=self.mask_ratio, density=self.density, act_ratio=self.act_ratio,
+        )
+        return super().save(directory)
+
+    @classmethod
+    def _from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "WISEEdit":
+        info = dict(meta.get("info") or {})
+        fields = ("module", "uid", "shard", "seed", "shape", "mask_ratio", "density", "act_ratio")
+        missing = [n for n in ("values", "answer_inputs") if n not in tensors] + [n for n in fields if n not in info]
+        if missing:
+            raise EditError(f"WISE edit: missing {missing} (tensors {sorted(tensors)}, info fields {sorted(info)})")
+        return cls(
+            meta["editor"], info["module"], tensors["values"], tensors["answer_inputs"], info["shape"], info["shard"], info["seed"],
+            info["mask_ratio"], info["density"], info["act_ratio"], info["uid"], meta.get("case_ids", ()), meta.get("config"), info,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The editor
+# --------------------------------------------------------------------------------------------
+
+
+def hinge(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of ``x`` (zero when there are none)."""
+    positive = x[x > 0]
+    return positive.mean() if positive.numel() else x.sum() * 0.0
+
+
+def generic_inputs(model: nn.Module, tokenizer: Any, module_name: str) -> torch.Tensor:
+    """The value matrix's inputs at every position of the generic sentences: ``[n, d_ff]``."""
+    device = model_device(model)
+    encoded = [tokenizer(t)["input_ids"] for t in GENERIC_TEXTS]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
+    with torch.no_grad(), trace(model, [module_name], inputs=True) as traced:
+        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    return traced[module_name].input[mask.to(device).bool()].float()
+
+
+@register_editor("wise", WISEConfig)
+class WISE(Editor):
+    """WISE (Wang et al., 2024): edits trained into a sharded side memory of one FFN value matrix.
+
+    Several requests in one call are trained together into the current shard; sequential calls
+    fill the shard, then the next one, and all shards are TIES-merged into the side memory.
+    """
+
+    supports_batch = True
+
+    def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: WISEConfig) -> Edit:
+        self.check_requests(requests)
+        targets = get_targets(model, config.targets)
+        layer = resolve_layer(model, targets, config.layer, "WISE layer")
+        module_name = targets.layer("mlp_out", layer)
+        module = get_module(model, module_name)
+        device = model_device(model)
+        memory = SideMemory.of(model, module_name)
+        shard = (memory.requests() if memory is not None else 0) // config.shard_size
+
+        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], tokenizer.pad_token_id, device)
+        if memory is not None:
+            memory.enabled = False  # train the shard alone, as the paper does
+        try:
+            with torch.no_grad(), trace(model, [module_name], inputs=True, outputs=True) as traced:
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            d_ff, d_out = traced[module_name].input.shape[-1], traced[module_name].output.shape[-1]
+            answer_inputs = traced[module_name].input[batch.rows, batch.cols].float()  # [n_answer, d_ff]
+            irrelevant = generic_inputs(model, tokenizer, module_name)
+            mask = shard_mask((d_out, d_ff), config.mask_ratio, config.seed, shard).to(device)
+            start = memory.shard_delta(shard) if memory is not None else None
+            start = (start if start is not None else torch.zeros(d_out, d_ff)).to(device)
+            delta, steps, losses = self._train(model, module, batch, answer_inputs, irrelevant, mask, start, config)
+        finally:
+            if memory is not None:
+                memory.enabled = True
+
+        values = (delta - start)[mask].cpu()
+        edit = WISEEdit(
+            self.name, module_name, values, answer_inputs, (d_out, d_ff), shard, config.seed, config.mask_ratio, config.density, config.act_ratio,
+            None, [r.case_id for r in requests], config.to_dict(),
+            {"layer": layer, "steps": steps, "final_losses": losses, "activation": float(activations(answer_inputs, delta).min())},
+        )
+        logger.debug("WISE at %s, shard %d: %d steps, losses %s", module_name, shard, steps, losses)
+        return edit.apply(model)
+
+    def _train(self, model, module, batch, answer_inputs, irrelevant, mask, start, config: WISEConfig):
+        """The shard's delta after SGD on the target NLL plus the routing loss (eq. 5)."""
+        delta = start.clone().requires_grad_(True)
+        optimizer = torch.optim.SGD([delta], lr=config.lr, weight_decay=config.weight_decay)
+        # The side memory acts where the targets are predicted and, as at inference, wherever its
+        # activation exceeds the threshold the edit's activations give (recomputed every step).
+        at = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=delta.device)
+        at[batch.rows, batch.cols] = True
+        eps = torch.zeros(())
+
+        def side(module_: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            x = module_input(args, kwargs)
+            out = _first_tensor(output)
+            extra = x @ delta.to(x.dtype).T
+            fire = at | (extra.detach().float().norm(dim=-1) > eps)
+            return _replace_first(output, out + extra * fire[..., None].to(out.dtype))
+
+        previous = freeze(model)
+        handle = module.register_forward_hook(side, with_kwargs=True)
+        steps, losses = 0, {}
+        try:
+            for steps in range(1, config.steps + 1):
+                edit_act = activations(answer_inputs, delta)
+                eps = config.act_ratio * edit_act.detach().min()
+                nll = target_nll(model, batch).mean()
+                irrelevant_act = activations(irrelevant, delta)
+                routing = (
+                    hinge(irrelevant_act - config.alpha)
+                    + hinge(config.beta - edit_act)
+                    + hinge(irrelevant_act[:, None] - edit_act[None, :] + config.gamma)
+                )
+                losses = {"nll": nll.item(), "routing": routing.item()}
+                if losses["nll"] < config.stop_loss and losses["routing"] == 0:
+                    steps -= 1
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                (nll + routing).backward()
+                delta.grad *= mask  # knowledge sharding: only the shard's entries move
+                optimizer.step()
+                if config.norm_constraint is not None:
+                    with torch.no_grad():
+                        delta.clamp_(-config.norm_constraint, config.norm_constraint)
+        finally:
+            handle.remove()
+            unfreeze(model, previous)
+        return delta.detach(), steps, losses
