@@ -29,9 +29,11 @@ Implementation choices (documented because they differ from the reference code o
   input per forward call and breaks under KV-cache generation (later calls see one token) and
   under batched, prefix-shared scoring. Per position, teacher-forced scoring, batched scoring and
   cached generation take the same decisions, and positions that do not fire keep the main
-  memory's output bit for bit. Accordingly, training applies the side memory at the positions
-  that predict the target (the prompt's last token and the target's teacher-forced positions),
-  and those are the edit's activations that must reach ``beta`` and that set ``eps``.
+  memory's output bit for bit. Accordingly, the edit's activations (those that must reach
+  ``beta`` and that set ``eps``) are taken at the positions that predict the target (the
+  prompt's last token and the target's teacher-forced positions), and training applies the side
+  memory there and, as inference will, wherever its activation exceeds ``act_ratio`` times the
+  smallest of them (recomputed every step).
   Irrelevant inputs are every position of a fixed set of generic sentences
   (:data:`editors.ffn_patch.GENERIC_TEXTS`), never the requests' locality probes (they are what
   locality is scored on).
