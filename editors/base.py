@@ -152,6 +152,13 @@ class EditError(RuntimeError):
     """An edit cannot be applied, reverted, saved or loaded as asked."""
 
 
+def check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse (:class:`EditError`) to apply ``what`` if any of its ``tensors`` holds NaN or inf."""
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise EditError(f"{what}: {name} contains non-finite values (NaN or inf); refusing to apply it")
+
+
 @dataclass
 class ParamDelta:
     """The change to one parameter: dense (``delta``) or a product of factors ``left @ right``.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Edit, EditError
+from .base import Edit, EditError, check_finite
 from .targets import get_module
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -156,9 +156,7 @@ class FFNPatchEdit(Edit):
         for module_name, parts in self.patches.items():
             module = get_module(model, module_name)
             device = next(module.parameters()).device
-            for part, tensor in parts.items():
-                if not torch.isfinite(tensor).all():
-                    raise EditError(f"{self.editor} edit of {module_name}: {part} contains non-finite values; refusing to apply it")
+            check_finite(f"{self.editor} edit of {module_name}", parts)
             on = {k: t.to(device) for k, t in parts.items()}
             hooks[module_name] = NeuronHook(on["keys"], on.get("bias"), on["values"], self.activation)
             hooks[module_name].owner = self

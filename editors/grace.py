@@ -52,8 +52,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
-from .hooks import _first_tensor, _replace_first, trace
+from .base import Edit, EditError, Editor, EditorConfig, EditRequest, check_finite, register_editor
+from .hooks import ModuleMemory, _first_tensor, _replace_first, trace
 from .lm import collate_pairs, encode_pair, model_device, target_nll
 from .targets import get_module, get_targets, resolve_layer
 
@@ -112,35 +112,17 @@ def nearest(keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, to
     return dist.min(-1)
 
 
-class Codebook:
+class Codebook(ModuleMemory):
     """The GRACE adaptor of one module: the applied edits, in order, and the hook that reads them."""
 
+    attribute, label = CODEBOOK_ATTRIBUTE, "codebook"
+
     def __init__(self, model: nn.Module, module_name: str) -> None:
-        self.model, self.module_name = model, module_name
-        self.edits: list[GRACEEdit] = []
         self._entries: Entries | None = None
-        self._handle = get_module(model, module_name).register_forward_hook(self._hook)
-        model.__dict__.setdefault(CODEBOOK_ATTRIBUTE, {})[module_name] = self
+        super().__init__(model, module_name)
 
-    @staticmethod
-    def of(model: nn.Module, module_name: str) -> "Codebook | None":
-        return model.__dict__.get(CODEBOOK_ATTRIBUTE, {}).get(module_name)
-
-    def add(self, edit: "GRACEEdit") -> None:
-        if any(e.uid == edit.uid for e in self.edits):
-            raise EditError(f"GRACE edit {edit.uid} is already in this model's codebook")
-        self.edits.append(edit)
+    def changed(self) -> None:
         self._entries = None
-
-    def remove(self, edit: "GRACEEdit") -> None:
-        self.edits = [e for e in self.edits if e is not edit]
-        self._entries = None
-        if not self.edits:
-            self._handle.remove()
-            books = self.model.__dict__.get(CODEBOOK_ATTRIBUTE, {})
-            books.pop(self.module_name, None)
-            if not books:
-                self.model.__dict__.pop(CODEBOOK_ATTRIBUTE, None)
 
     @property
     def entries(self) -> Entries:
@@ -224,29 +206,20 @@ class GRACEEdit(Edit):
             raise EditError(f"GRACE edit: {n} labels but keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}, radii {tuple(self.radii.shape)}")
         if len(self.override_refs) != len(self.override_radii):
             raise EditError("GRACE edit: one override radius per override reference is needed")
-        self._codebook: Codebook | None = None
 
     def num_stored_values(self) -> int:
         return self.keys.numel() + self.values.numel() + self.radii.numel() + self.override_radii.numel()
 
     def _apply(self, model: nn.Module) -> None:
-        for name, tensor in (("keys", self.keys), ("values", self.values), ("radii", self.radii), ("override_radii", self.override_radii)):
-            if not torch.isfinite(tensor).all():
-                raise EditError(f"GRACE edit: {name} contain non-finite values (NaN or inf); refusing to apply it")
+        check_finite("GRACE edit", self._state_tensors())
         get_module(model, self.module)  # a clear error if the model lacks it
         width = getattr(getattr(model, "config", None), "hidden_size", None)
         if width is not None and self.keys.shape[1] != width:
             raise EditError(f"GRACE edit of {self.module}: keys of width {self.keys.shape[1]} != the model's hidden size {width}")
-        codebook = Codebook.of(model, self.module) or Codebook(model, self.module)
-        codebook.add(self)
-        self._codebook = codebook
+        Codebook.attach(model, self.module, self)
 
     def _revert(self, model: nn.Module) -> None:
-        codebook = Codebook.of(model, self.module)
-        if codebook is None or not any(e is self for e in codebook.edits):
-            raise EditError("GRACE edit: the model's codebook no longer holds this edit")
-        codebook.remove(self)
-        self._codebook = None
+        Codebook.detach(model, self.module, self)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys.contiguous(), "values": self.values.contiguous(), "radii": self.radii.contiguous(), "override_radii": self.override_radii.contiguous()}

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .base import EditError
+from .lm import model_device
 from .targets import get_module
 
 
@@ -137,3 +139,82 @@ def edit_input(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor], 
         yield
     finally:
         handle.remove()
+
+
+def module_inputs(model: nn.Module, module_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The first positional input ``[batch, seq, d]`` of ``module_name`` (float32, no gradient).
+
+    Runs the model's body only: nothing the unembedding computes is needed."""
+    with torch.no_grad(), trace(model, [module_name], inputs=True) as traced:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return traced[module_name].input.float()
+
+
+def inputs_at_every_token(model: nn.Module, tokenizer: Any, module_name: str, texts: Sequence[str]) -> torch.Tensor:
+    """The inputs of ``module_name`` at every (non-padding) position of ``texts``: ``[n_positions, d]``."""
+    device = model_device(model)
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    hidden = module_inputs(model, module_name, ids.to(device), mask.to(device))
+    return hidden[mask.to(device).bool()]
+
+
+class ModuleMemory:
+    """Edits that act through one forward hook on one module, kept in the order they were applied.
+
+    Memory editors (GRACE's codebook, WISE's side memory) keep one of these per module, in
+    ``model.__dict__[attribute]``. What the hook reads is derived from :attr:`edits` alone and
+    rebuilt after every change (:meth:`changed`), so removing an edit gives exactly what applying
+    the others in the same order gives; the hook is removed with the last edit. Subclasses set
+    ``attribute`` and ``label`` and implement ``_hook`` (with ``kwargs`` when ``with_kwargs``).
+    """
+
+    attribute: ClassVar[str]
+    label: ClassVar[str]
+    with_kwargs: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, module_name: str) -> None:
+        self.model, self.module_name = model, module_name
+        self.edits: list[Any] = []
+        self._handle = get_module(model, module_name).register_forward_hook(self._hook, with_kwargs=self.with_kwargs)
+        model.__dict__.setdefault(self.attribute, {})[module_name] = self
+
+    def _hook(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls, model: nn.Module, module_name: str) -> "ModuleMemory | None":
+        return model.__dict__.get(cls.attribute, {}).get(module_name)
+
+    @classmethod
+    def attach(cls, model: nn.Module, module_name: str, edit: Any) -> "ModuleMemory":
+        """Add ``edit`` to the model's memory at ``module_name``, creating the memory if needed."""
+        memory = cls.of(model, module_name) or cls(model, module_name)
+        if any(e.uid == edit.uid for e in memory.edits):
+            raise EditError(f"{edit.editor} edit {edit.uid} is already in this model's {cls.label}")
+        memory.edits.append(edit)
+        memory.changed()
+        return memory
+
+    @classmethod
+    def detach(cls, model: nn.Module, module_name: str, edit: Any) -> None:
+        """Remove ``edit`` from the model's memory at ``module_name``; the last one removes the hook."""
+        memory = cls.of(model, module_name)
+        if memory is None or not any(e is edit for e in memory.edits):
+            raise EditError(f"{edit.editor} edit: the model's {cls.label} no longer holds this edit")
+        memory.edits = [e for e in memory.edits if e is not edit]
+        memory.changed()
+        if not memory.edits:
+            memory._handle.remove()
+            memories = model.__dict__.get(cls.attribute, {})
+            memories.pop(module_name, None)
+            if not memories:
+                model.__dict__.pop(cls.attribute, None)
+
+    def changed(self) -> None:
+        """Forget whatever was derived from the edits (they changed)."""

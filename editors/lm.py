@@ -130,3 +130,9 @@ def minimise_target_nll(model: nn.Module, batch: PairBatch, optimizer: torch.opt
     return steps_run, loss_value
 
 
+
+
+def hinge(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of ``x`` (zero, with a gradient, when there are none): a margin loss."""
+    positive = x[x > 0]
+    return positive.mean() if positive.numel() else x.sum() * 0.0

@@ -45,8 +45,8 @@ from torch import nn
 
 from .base import Editor, EditorConfig, EditRequest, register_editor
 from .ffn_patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, check_activation, freeze, patch_hooks, unfreeze
-from .hooks import trace
-from .lm import collate_pairs, encode_pair, join_text, model_device, target_nll
+from .hooks import inputs_at_every_token, module_inputs
+from .lm import collate_pairs, encode_pair, hinge, join_text, model_device, target_nll
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -96,35 +96,14 @@ class TPatcherEdit(FFNPatchEdit):
         return q @ parts["keys"].T + parts["bias"]
 
 
-def ffn_inputs(model: nn.Module, module_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The inputs ``[batch, seq, d]`` of the MLP ``module_name`` (no gradient)."""
-    with torch.no_grad(), trace(model, [module_name], inputs=True) as traced:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return traced[module_name].input.float()
-
-
 def last_token_queries(model: nn.Module, tokenizer: Any, module_name: str, prompts: Sequence[str]) -> torch.Tensor:
     """FFN inputs ``[len(prompts), d]`` at each prompt's last token (prompts run one by one)."""
     device = model_device(model)
     rows = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-        rows.append(ffn_inputs(model, module_name, ids, torch.ones_like(ids))[0, -1])
+        rows.append(module_inputs(model, module_name, ids, torch.ones_like(ids))[0, -1])
     return torch.stack(rows)
-
-
-def all_token_queries(model: nn.Module, tokenizer: Any, module_name: str, texts: Sequence[str]) -> torch.Tensor:
-    """FFN inputs at every (non-padding) position of ``texts``: ``[n_positions, d]``."""
-    device = model_device(model)
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
-    hidden = ffn_inputs(model, module_name, ids.to(device), mask.to(device))
-    return hidden[mask.to(device).bool()]
 
 
 def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool) -> list[str]:
@@ -140,12 +119,6 @@ def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool) -
     # A text that begins with an edit prompt holds that prompt's own query: it cannot be memory.
     prompts = [r.prompt for r in requests]
     return [t for t in dict.fromkeys(texts) if not any(t.startswith(p) for p in prompts)]
-
-
-def hinge(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the positive entries of ``x`` (zero when there are none): the paper's margin loss."""
-    positive = x[x > 0]
-    return positive.mean() if positive.numel() else x.sum() * 0.0
 
 
 def init_neurons(q_edit: torch.Tensor, q_memory: torch.Tensor, act_margin: float, memory_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +158,7 @@ class TPatcher(Editor):
         memory = []
         texts = memory_texts(requests, config.generic_memory, config.request_memory)
         if texts:
-            memory.append(all_token_queries(model, tokenizer, module_name, texts))
+            memory.append(inputs_at_every_token(model, tokenizer, module_name, texts))
         previous = [h.owner.extras["queries"] for h in patch_hooks(module) if isinstance(h.owner, TPatcherEdit)]
         if previous:
             memory.append(torch.cat(previous).to(device, torch.float32))

@@ -64,10 +64,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
+from .base import Edit, EditError, Editor, EditorConfig, EditRequest, check_finite, register_editor
 from .ffn_patch import GENERIC_TEXTS, freeze, module_input, unfreeze
-from .hooks import _first_tensor, _replace_first, trace
-from .lm import collate_pairs, encode_pair, model_device, target_nll
+from .hooks import ModuleMemory, _first_tensor, _replace_first, inputs_at_every_token, trace
+from .lm import collate_pairs, encode_pair, hinge, model_device, target_nll
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -166,36 +166,18 @@ class MemoryState:
     shards: int
 
 
-class SideMemory:
+class SideMemory(ModuleMemory):
     """The WISE side memory of one FFN value matrix: the applied edits, in order, and the hook."""
 
+    attribute, label, with_kwargs = MEMORY_ATTRIBUTE, "side memory", True
+
     def __init__(self, model: nn.Module, module_name: str) -> None:
-        self.model, self.module_name = model, module_name
-        self.edits: list[WISEEdit] = []
         self.enabled = True
         self._state: MemoryState | None = None
-        self._handle = get_module(model, module_name).register_forward_hook(self._hook, with_kwargs=True)
-        model.__dict__.setdefault(MEMORY_ATTRIBUTE, {})[module_name] = self
+        super().__init__(model, module_name)
 
-    @staticmethod
-    def of(model: nn.Module, module_name: str) -> "SideMemory | None":
-        return model.__dict__.get(MEMORY_ATTRIBUTE, {}).get(module_name)
-
-    def add(self, edit: "WISEEdit") -> None:
-        if any(e.uid == edit.uid for e in self.edits):
-            raise EditError(f"WISE edit {edit.uid} is already in this model's side memory")
-        self.edits.append(edit)
+    def changed(self) -> None:
         self._state = None
-
-    def remove(self, edit: "WISEEdit") -> None:
-        self.edits = [e for e in self.edits if e is not edit]
-        self._state = None
-        if not self.edits:
-            self._handle.remove()
-            memories = self.model.__dict__.get(MEMORY_ATTRIBUTE, {})
-            memories.pop(self.module_name, None)
-            if not memories:
-                self.model.__dict__.pop(MEMORY_ATTRIBUTE, None)
 
     def requests(self) -> int:
         return sum(len(e.case_ids) or 1 for e in self.edits)
@@ -293,22 +275,16 @@ class WISEEdit(Edit):
         return self.values.numel() + self.answer_inputs.numel()
 
     def _apply(self, model: nn.Module) -> None:
-        for name, tensor in (("values", self.values), ("answer_inputs", self.answer_inputs)):
-            if not torch.isfinite(tensor).all():
-                raise EditError(f"WISE edit: {name} contain non-finite values (NaN or inf); refusing to apply it")
+        check_finite("WISE edit", self._state_tensors())
         self.mask()
         module = get_module(model, self.module)  # a clear error if the model lacks it
         weight = getattr(module, "weight", None)
         if weight is not None and sorted(weight.shape) != sorted(self.shape):
             raise EditError(f"WISE edit of {self.module}: side memory {self.shape} does not fit its weight {tuple(weight.shape)}")
-        memory = SideMemory.of(model, self.module) or SideMemory(model, self.module)
-        memory.add(self)
+        SideMemory.attach(model, self.module, self)
 
     def _revert(self, model: nn.Module) -> None:
-        memory = SideMemory.of(model, self.module)
-        if memory is None or not any(e is self for e in memory.edits):
-            raise EditError("WISE edit: the model's side memory no longer holds this edit")
-        memory.remove(self)
+        SideMemory.detach(model, self.module, self)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.contiguous(), "answer_inputs": self.answer_inputs.contiguous()}
@@ -336,26 +312,6 @@ class WISEEdit(Edit):
 # --------------------------------------------------------------------------------------------
 # The editor
 # --------------------------------------------------------------------------------------------
-
-
-def hinge(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the positive entries of ``x`` (zero when there are none)."""
-    positive = x[x > 0]
-    return positive.mean() if positive.numel() else x.sum() * 0.0
-
-
-def generic_inputs(model: nn.Module, tokenizer: Any, module_name: str) -> torch.Tensor:
-    """The value matrix's inputs at every position of the generic sentences: ``[n, d_ff]``."""
-    device = model_device(model)
-    encoded = [tokenizer(t)["input_ids"] for t in GENERIC_TEXTS]
-    width = max(map(len, encoded))
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-    with torch.no_grad(), trace(model, [module_name], inputs=True) as traced:
-        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    return traced[module_name].input[mask.to(device).bool()].float()
 
 
 @register_editor("wise", WISEConfig)
@@ -386,7 +342,7 @@ class WISE(Editor):
                 model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             d_ff, d_out = traced[module_name].input.shape[-1], traced[module_name].output.shape[-1]
             answer_inputs = traced[module_name].input[batch.rows, batch.cols].float()  # [n_answer, d_ff]
-            irrelevant = generic_inputs(model, tokenizer, module_name)
+            irrelevant = inputs_at_every_token(model, tokenizer, module_name, GENERIC_TEXTS)
             mask = shard_mask((d_out, d_ff), config.mask_ratio, config.seed, shard).to(device)
             start = memory.shard_delta(shard) if memory is not None else None
             start = (start if start is not None else torch.zeros(d_out, d_ff)).to(device)
