@@ -32,6 +32,7 @@ from torch import nn
 from .base import Editor, EditorConfig, EditRequest, register_editor
 from .ffn_patch import FFNPatchEdit, NeuronHook, check_activation, freeze, unfreeze
 from .lm import collate_pairs, encode_pair, minimise_target_nll, model_device
+from .prefix import frozen_below
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class CaliNET(Editor):
             for name, (keys, values) in slots.items()
         ]
         try:
-            step, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss)
+            with frozen_below(model, targets, layers[0], batch.input_ids, batch.attention_mask):  # the lowest slots' block up
+                step, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss)
         finally:
             for handle in handles:
                 handle.remove()

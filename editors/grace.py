@@ -54,6 +54,7 @@ from torch import nn
 
 from .base import Edit, EditError, Editor, EditorConfig, EditRequest, check_finite, register_editor
 from .hooks import ModuleMemory, _first_tensor, _replace_first, trace
+from .prefix import frozen_below
 from .lm import collate_pairs, encode_pair, model_device, target_nll
 from .targets import get_module, get_targets, resolve_layer
 
@@ -322,7 +323,8 @@ class GRACE(Editor):
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: GRACEConfig) -> Edit:
         self.check_requests(requests)
         targets = get_targets(model, config.targets)
-        module_name = targets.layer("mlp", resolve_layer(model, targets, config.layer, "GRACE layer"))
+        layer = resolve_layer(model, targets, config.layer, "GRACE layer")
+        module_name = targets.layer("mlp", layer)
         device = model_device(model)
         encoded = [encode_pair(tokenizer, r.prompt, r.target_new) for r in requests]
         labels = [r.target_new for r in requests]
@@ -340,7 +342,7 @@ class GRACE(Editor):
         uid = uuid.uuid4().hex
         codebook = Codebook.of(model, module_name)
         plan = plan_updates(codebook.entries if codebook is not None else None, keys, labels, config.eps_init, uid)
-        values = self._train_values(model, module_name, [encoded[r] for r in plan.new_requests], warm[plan.new_requests], tokenizer, config)
+        values = self._train_values(model, targets, layer, module_name, [encoded[r] for r in plan.new_requests], warm[plan.new_requests], tokenizer, config)
 
         width = keys.shape[1]
         edit = GRACEEdit(
@@ -360,8 +362,10 @@ class GRACE(Editor):
         logger.debug("GRACE at %s: %s", module_name, plan.actions)
         return edit.apply(model)
 
-    def _train_values(self, model, module_name, encoded, warm: torch.Tensor, tokenizer, config: GRACEConfig) -> torch.Tensor:
-        """Values that make each prompt predict its target, the base weights frozen (section 3)."""
+    def _train_values(self, model, targets, layer, module_name, encoded, warm: torch.Tensor, tokenizer, config: GRACEConfig) -> torch.Tensor:
+        """Values that make each prompt predict its target, the base weights frozen (section 3).
+
+        Only the blocks from ``layer`` up run on each step (:func:`editors.prefix.frozen_below`)."""
         if not encoded:
             return warm.detach().cpu()
         device = model_device(model)
@@ -379,7 +383,7 @@ class GRACE(Editor):
         handle = get_module(model, module_name).register_forward_hook(put_values)
         loss = None
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
                 for step in range(config.steps):
                     loss = target_nll(model, batch).mean()
                     if loss.item() < config.stop_loss:

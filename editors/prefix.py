@@ -134,17 +134,6 @@ class FrozenPrefix:
         for cached, (keys, values) in zip(self.cache.layers, self._prefix_kv):
             cached.keys, cached.values = keys, values
 
-    @contextlib.contextmanager
-    def _lower_blocks_recorded(self) -> Iterator[None]:
-        originals = [self.blocks[i] for i in range(self.layer)]
-        try:
-            for i in range(self.layer):
-                self.blocks[i] = _Recorded(self._template, self._entering)
-            yield
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
-
     def hidden(self) -> torch.Tensor:
         """Final hidden states of the suffix positions, running only the blocks from ``layer`` on.
 
@@ -152,7 +141,7 @@ class FrozenPrefix:
         module, adding the trainable vector at suffix column 0); gradients flow as usual.
         """
         try:
-            with self._lower_blocks_recorded():
+            with _blocks_recorded(self.blocks, self.layer, self._template, self._entering):
                 return self._run()
         finally:
             self._crop()
@@ -168,6 +157,53 @@ class FrozenPrefix:
         if self._prefix_kv is not None:
             self._prefix_kv = [(keys[rows], values[rows]) for keys, values in self._prefix_kv]
             self._crop()
+
+
+@contextlib.contextmanager
+def _blocks_recorded(blocks: nn.ModuleList, layer: int, template: Any, hidden: torch.Tensor) -> Iterator[None]:
+    """Blocks ``0 .. layer-1`` replaced by one stand-in each that returns ``hidden``, inside the block."""
+    originals = [blocks[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Recorded(template, hidden)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+@contextlib.contextmanager
+def frozen_below(model: nn.Module, targets: ModelTargets, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
+    """Inside the block, forward passes run only blocks ``layer`` and above.
+
+    For editors that train something at block ``layer`` or higher (a codebook value, a patch
+    neuron, a side memory) on one fixed batch with the weights frozen: the blocks below compute
+    the same thing on every step. They run once here, on ``input_ids``/``attention_mask``, and
+    inside the block each returns what entered block ``layer`` on that pass. Only passes on
+    exactly that batch are valid inside the block (a pass of another shape raises; one of the
+    same shape but other tokens would be wrong). Results equal full passes: the upper blocks see
+    the same inputs.
+    """
+    blocks = get_module(model, targets.layers)
+    if layer == 0:
+        yield
+        return
+    with torch.no_grad(), _block_input(blocks[layer]) as entering:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden, template = entering
+    shape = tuple(input_ids.shape)
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = args[0] if args else kwargs.get("hidden_states")
+        if given is not None and tuple(given.shape[:2]) != shape:
+            raise RuntimeError(f"frozen_below holds the lower blocks' output for a batch of shape {shape}, not {tuple(given.shape[:2])}")
+
+    with _blocks_recorded(blocks, layer, template, hidden):
+        handle = blocks[0].register_forward_pre_hook(check, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @contextlib.contextmanager

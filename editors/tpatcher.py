@@ -47,6 +47,7 @@ from .base import Editor, EditorConfig, EditRequest, register_editor
 from .ffn_patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, check_activation, freeze, patch_hooks, unfreeze
 from .hooks import inputs_at_every_token, module_inputs
 from .lm import collate_pairs, encode_pair, hinge, join_text, model_device, target_nll
+from .prefix import frozen_below
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -176,21 +177,22 @@ class TPatcher(Editor):
         handle = module.register_forward_hook(NeuronHook(keys, bias, values, config.activation), with_kwargs=True)
         step, losses = 0, {}
         try:
-            for step in range(1, config.steps + 1):
-                z_edit = q_edit @ keys.T + bias  # [n_requests, n_neurons]
-                l_edit = target_nll(model, batch).mean()
-                l_act = hinge(config.act_margin - z_edit.diagonal())
-                l_mem = hinge(q_memory @ keys.T + bias - config.memory_margin)
-                if len(requests) > 1:  # each neuron ignores the other requests' prompts
-                    l_mem = l_mem + hinge(z_edit[others] - config.memory_margin)
-                loss = config.edit_weight * l_edit + config.act_weight * l_act + config.memory_weight * l_mem
-                losses = {"edit": l_edit.item(), "activation": l_act.item(), "memory": l_mem.item()}
-                if losses["edit"] < config.stop_loss and losses["activation"] == 0 and losses["memory"] == 0:
-                    step -= 1
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            with frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
+                for step in range(1, config.steps + 1):
+                    z_edit = q_edit @ keys.T + bias  # [n_requests, n_neurons]
+                    l_edit = target_nll(model, batch).mean()
+                    l_act = hinge(config.act_margin - z_edit.diagonal())
+                    l_mem = hinge(q_memory @ keys.T + bias - config.memory_margin)
+                    if len(requests) > 1:  # each neuron ignores the other requests' prompts
+                        l_mem = l_mem + hinge(z_edit[others] - config.memory_margin)
+                    loss = config.edit_weight * l_edit + config.act_weight * l_act + config.memory_weight * l_mem
+                    losses = {"edit": l_edit.item(), "activation": l_act.item(), "memory": l_mem.item()}
+                    if losses["edit"] < config.stop_loss and losses["activation"] == 0 and losses["memory"] == 0:
+                        step -= 1
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
         finally:
             handle.remove()
             unfreeze(model, previous_grad)

@@ -68,6 +68,7 @@ from .base import Edit, EditError, Editor, EditorConfig, EditRequest, check_fini
 from .ffn_patch import GENERIC_TEXTS, freeze, module_input, unfreeze
 from .hooks import ModuleMemory, _first_tensor, _replace_first, inputs_at_every_token, trace
 from .lm import collate_pairs, encode_pair, hinge, model_device, target_nll
+from .prefix import frozen_below
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -346,7 +347,7 @@ class WISE(Editor):
             mask = shard_mask((d_out, d_ff), config.mask_ratio, config.seed, shard).to(device)
             start = memory.shard_delta(shard) if memory is not None else None
             start = (start if start is not None else torch.zeros(d_out, d_ff)).to(device)
-            delta, steps, losses = self._train(model, module, batch, answer_inputs, irrelevant, mask, start, config)
+            delta, steps, losses = self._train(model, targets, layer, module, batch, answer_inputs, irrelevant, mask, start, config)
         finally:
             if memory is not None:
                 memory.enabled = True
@@ -360,7 +361,7 @@ class WISE(Editor):
         logger.debug("WISE at %s, shard %d: %d steps, losses %s", module_name, shard, steps, losses)
         return edit.apply(model)
 
-    def _train(self, model, module, batch, answer_inputs, irrelevant, mask, start, config: WISEConfig):
+    def _train(self, model, targets, layer, module, batch, answer_inputs, irrelevant, mask, start, config: WISEConfig):
         """The shard's delta after SGD on the target NLL plus the routing loss (eq. 5)."""
         delta = start.clone().requires_grad_(True)
         optimizer = torch.optim.SGD([delta], lr=config.lr, weight_decay=config.weight_decay)
@@ -381,27 +382,28 @@ class WISE(Editor):
         handle = module.register_forward_hook(side, with_kwargs=True)
         steps, losses = 0, {}
         try:
-            for steps in range(1, config.steps + 1):
-                edit_act = activations(answer_inputs, delta)
-                eps = config.act_ratio * edit_act.detach().min()
-                nll = target_nll(model, batch).mean()
-                irrelevant_act = activations(irrelevant, delta)
-                routing = (
-                    hinge(irrelevant_act - config.alpha)
-                    + hinge(config.beta - edit_act)
-                    + hinge(irrelevant_act[:, None] - edit_act[None, :] + config.gamma)
-                )
-                losses = {"nll": nll.item(), "routing": routing.item()}
-                if losses["nll"] < config.stop_loss and losses["routing"] == 0:
-                    steps -= 1
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                (nll + routing).backward()
-                delta.grad *= mask  # knowledge sharding: only the shard's entries move
-                optimizer.step()
-                if config.norm_constraint is not None:
-                    with torch.no_grad():
-                        delta.clamp_(-config.norm_constraint, config.norm_constraint)
+            with frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
+                for steps in range(1, config.steps + 1):
+                    edit_act = activations(answer_inputs, delta)
+                    eps = config.act_ratio * edit_act.detach().min()
+                    nll = target_nll(model, batch).mean()
+                    irrelevant_act = activations(irrelevant, delta)
+                    routing = (
+                        hinge(irrelevant_act - config.alpha)
+                        + hinge(config.beta - edit_act)
+                        + hinge(irrelevant_act[:, None] - edit_act[None, :] + config.gamma)
+                    )
+                    losses = {"nll": nll.item(), "routing": routing.item()}
+                    if losses["nll"] < config.stop_loss and losses["routing"] == 0:
+                        steps -= 1
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    (nll + routing).backward()
+                    delta.grad *= mask  # knowledge sharding: only the shard's entries move
+                    optimizer.step()
+                    if config.norm_constraint is not None:
+                        with torch.no_grad():
+                            delta.clamp_(-config.norm_constraint, config.norm_constraint)
         finally:
             handle.remove()
             unfreeze(model, previous)

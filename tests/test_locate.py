@@ -10,7 +10,8 @@ import torch
 from editors import get_editor
 from editors.hooks import edit_output, trace
 from editors.memit import AlphaEdit, AlphaEditConfig, MEMIT, MEMITConfig, PMET
-from editors.prefix import FrozenPrefix
+from editors.lm import collate_pairs, target_nll
+from editors.prefix import FrozenPrefix, frozen_below
 from editors.rome import ROMEConfig
 from editors.rome.context import sample_prefixes, subject_last_index
 from editors.rome.keys import subject_reads
@@ -76,6 +77,47 @@ def test_frozen_prefix_runs_no_block_below_the_edited_one(tiny_model):
         frozen.hidden()
     assert [traced[n].calls for n in below] == [0, 0]
     assert traced[targets.layer("mlp_out", 2)].calls == 1
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_frozen_below_gives_the_full_loss_and_gradient_running_only_the_upper_blocks(tiny_model, layer):
+    """Training something at block ``layer`` inside frozen_below: same loss, same gradient."""
+    targets = get_targets(tiny_model)
+    batch = collate_pairs([([5, 6, 7], [8, 9]), ([11, 12], [13]), ([14, 15, 16, 17], [18, 19, 20])], pad_id=0)
+    module = targets.layer("mlp_out", layer)
+    torch.manual_seed(0)
+    delta = torch.randn(tiny_model.config.hidden_size, requires_grad=True)
+
+    def run():
+        with edit_output(tiny_model, module, lambda out: out + delta):
+            loss = target_nll(tiny_model, batch).sum()
+        (grad,) = torch.autograd.grad(loss, [delta])
+        return loss.detach(), grad
+
+    full_loss, full_grad = run()
+    names = [targets.layer("mlp_out", i) for i in range(3)]
+    with trace(tiny_model, names) as traced:  # hooks on the real modules, also while they are stood in for
+        with frozen_below(tiny_model, targets, layer, batch.input_ids, batch.attention_mask):
+            loss, grad = run()
+            loss_again, _ = run()
+    # One recording pass through every block, then the two runs through the upper blocks only.
+    assert [traced[n].calls for n in names] == ([1] * layer + [3] * (3 - layer) if layer else [2, 2, 2])
+    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=1e-5)
+    assert torch.equal(loss, loss_again)
+    # Afterwards the model is whole again: every block runs.
+    with trace(tiny_model, names) as traced:
+        assert torch.equal(run()[0], full_loss)
+    assert [traced[n].calls for n in names] == [1, 1, 1]
+
+
+def test_frozen_below_refuses_a_batch_of_another_shape(tiny_model):
+    targets = get_targets(tiny_model)
+    batch = collate_pairs([([5, 6, 7], [8, 9])], pad_id=0)
+    other = collate_pairs([([5, 6], [8]), ([7, 9], [10])], pad_id=0)
+    with frozen_below(tiny_model, targets, 2, batch.input_ids, batch.attention_mask):
+        with pytest.raises(RuntimeError, match="shape"):
+            target_nll(tiny_model, other)
 
 
 # -- context and positions ----------------------------------------------------------------------
