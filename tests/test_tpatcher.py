@@ -9,7 +9,7 @@ from editors import Edit, get_editor
 from editors.ffn_patch import GENERIC_TEXTS, patch_hooks
 from editors.lm import collate_pairs, encode_pair, logits_at
 from editors.targets import get_module
-from editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries, memory_texts
+from editors.tpatcher import TPatcherConfig, TPatcherEdit, fact_prompts, last_token_queries, memory_texts
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:
@@ -73,6 +73,14 @@ def test_memory_texts(request_factory):
     # a locality probe that begins with the edit prompt cannot be memory
     other = request_factory(prompt="The capital of Italy is", subject="Italy")
     assert memory_texts([other], generic=False, probes=True) == [req.neighborhood_prompts[0]]
+    # the built-in fact prompts: questions about other subjects, not the request's probes
+    facts = memory_texts([req], generic=False, probes=False, facts=True)
+    assert facts == list(dict.fromkeys(fact_prompts())) and len(facts) == 29  # one prompt is also another fact's neighbour
+    assert "The mother tongue of Jacques Chirac is" in facts
+    # an edit of one of them leaves exactly that prompt (and texts that extend it) out
+    edited = request_factory(prompt="The official language of Brazil is", subject="Brazil", target_new="Spanish")
+    left = memory_texts([edited], generic=False, probes=False, facts=True)
+    assert "The official language of Brazil is" not in left and len(left) == 28
 
 
 def test_memory_includes_previous_patches(tiny_model, tokenizer, request_factory):
