@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Edit, EditError, check_finite
+from .base import Edit, EditError, EditRequest, check_finite
+from .ike import BUILTIN_POOL
+from .lm import join_text
 from .targets import get_module
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -55,6 +57,29 @@ GENERIC_TEXTS: tuple[str, ...] = (
     "The river flows through the valley and into the ocean.",
     "The first language of most people in Brazil is Portuguese.",
 )
+
+
+def fact_prompts() -> list[str]:
+    """Factual questions about other subjects: IKE's built-in pool's prompts, paraphrases and
+    neighbour prompts (:data:`editors.ike.BUILTIN_POOL`)."""
+    return [text for prompt, _, _, _, paraphrase, neighbour in BUILTIN_POOL for text in (prompt, paraphrase, neighbour)]
+
+
+def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool, facts: bool = False) -> list[str]:
+    """Texts on which the patches must stay silent: generic sentences, with ``facts`` the built-in
+    fact prompts and, with ``probes``, the requests' locality probes (with answers) and
+    neighbourhood prompts; texts that begin with one of the edit prompts are left out."""
+    texts = []
+    for r in requests if probes else ():
+        texts += ["".join(join_text(qa.prompt, qa.answer)) for qa in r.locality]
+        texts += list(r.neighborhood_prompts)
+    if generic:
+        texts += list(GENERIC_TEXTS)
+    if facts:
+        texts += fact_prompts()
+    # A text that begins with an edit prompt holds that prompt's own query: it cannot be memory.
+    prompts = [r.prompt for r in requests]
+    return [t for t in dict.fromkeys(texts) if not any(t.startswith(p) for p in prompts)]
 
 
 def check_activation(name: str) -> None:

@@ -15,7 +15,7 @@ The patch is trained with the paper's three losses (section 3.2), the base model
   memory_margin)`` for every memory query ``q_i``. The paper keeps the queries of earlier
   training inputs; here the memory holds (a) every position of a fixed set of generic
   sentences (:data:`editors.ffn_patch.GENERIC_TEXTS`), (a') with ``fact_memory``, every position
-  of the built-in fact prompts (:func:`fact_prompts`: the prompts, paraphrases and neighbour
+  of the built-in fact prompts (:func:`editors.ffn_patch.fact_prompts`: the prompts, paraphrases and neighbour
   prompts of IKE's built-in counterfactual pool, none of them evaluation data), which share the
   wording of factual questions and teach the key to tell subjects apart, (b) the last-token queries of the other
   requests of the same call and of the patches already applied to the same layer (so that a new
@@ -47,10 +47,9 @@ import torch
 from torch import nn
 
 from .base import Editor, EditorConfig, EditRequest, register_editor
-from .ffn_patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, check_activation, freeze, patch_hooks, unfreeze
+from .ffn_patch import FFNPatchEdit, NeuronHook, check_activation, freeze, memory_texts, patch_hooks, unfreeze
 from .hooks import inputs_at_every_token, module_inputs
-from .ike import BUILTIN_POOL
-from .lm import collate_pairs, encode_pair, hinge, join_text, model_device, target_nll
+from .lm import collate_pairs, encode_pair, hinge, model_device, target_nll
 from .prefix import frozen_below
 from .targets import get_module, get_targets, resolve_layer
 
@@ -116,29 +115,6 @@ def last_token_queries(model: nn.Module, tokenizer: Any, module_name: str, promp
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
         rows.append(module_inputs(model, module_name, ids, torch.ones_like(ids))[0, -1])
     return torch.stack(rows)
-
-
-def fact_prompts() -> list[str]:
-    """Factual questions about other subjects: IKE's built-in pool's prompts, paraphrases and
-    neighbour prompts (:data:`editors.ike.BUILTIN_POOL`)."""
-    return [text for prompt, _, _, _, paraphrase, neighbour in BUILTIN_POOL for text in (prompt, paraphrase, neighbour)]
-
-
-def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool, facts: bool = False) -> list[str]:
-    """Texts on which the patches must stay silent: generic sentences, with ``facts`` the built-in
-    fact prompts and, with ``probes``, the requests' locality probes (with answers) and
-    neighbourhood prompts; texts that begin with one of the edit prompts are left out."""
-    texts = []
-    for r in requests if probes else ():
-        texts += ["".join(join_text(qa.prompt, qa.answer)) for qa in r.locality]
-        texts += list(r.neighborhood_prompts)
-    if generic:
-        texts += list(GENERIC_TEXTS)
-    if facts:
-        texts += fact_prompts()
-    # A text that begins with an edit prompt holds that prompt's own query: it cannot be memory.
-    prompts = [r.prompt for r in requests]
-    return [t for t in dict.fromkeys(texts) if not any(t.startswith(p) for p in prompts)]
 
 
 def init_neurons(q_edit: torch.Tensor, q_memory: torch.Tensor, act_margin: float, memory_margin: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from editors import Edit, get_editor
-from editors.ffn_patch import GENERIC_TEXTS, patch_hooks
+from editors.ffn_patch import GENERIC_TEXTS, fact_prompts, memory_texts, patch_hooks
 from editors.lm import collate_pairs, encode_pair, logits_at
 from editors.targets import get_module
-from editors.tpatcher import TPatcherConfig, TPatcherEdit, fact_prompts, last_token_queries, memory_texts
+from editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:

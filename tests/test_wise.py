@@ -96,6 +96,20 @@ def test_a_shard_takes_shard_size_requests(tiny_model, tokenizer, request_factor
     assert shards == [0, 0, 1]
 
 
+def test_fact_prompts_join_the_irrelevant_inputs_on_request(tiny_model, tokenizer, request_factory):
+    from editors.ffn_patch import GENERIC_TEXTS, fact_prompts
+
+    editor, request = get_editor("wise")(), request_factory(target_new="Paris")
+    counts = {}
+    for facts in (False, True):
+        edit = editor.apply(tiny_model, tokenizer, [request], _config(steps=1, fact_inputs=facts))
+        counts[facts] = edit.info["irrelevant_positions"]
+        edit.revert(tiny_model)
+    positions = lambda texts: sum(len(tokenizer(t)["input_ids"]) for t in dict.fromkeys(texts))
+    assert counts[False] == positions(GENERIC_TEXTS)
+    assert counts[True] == positions(list(GENERIC_TEXTS) + fact_prompts())
+
+
 def test_cached_generation_routes_like_one_pass(tiny_model, tokenizer, request_factory):
     get_editor("wise")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config())
     ids = tokenizer("The mother tongue of Danielle Darrieux is Paris and", return_tensors="pt").input_ids
