@@ -37,8 +37,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
 }
 
-# Short generic sentences of several registers. T-Patcher uses them (with a request's locality
-# and neighbourhood prompts) as the memory of inputs on which a patch must stay silent.
+# Short generic sentences of several registers: inputs on which T-Patcher's patches and WISE's
+# side memory must stay silent (see memory_texts).
 GENERIC_TEXTS: tuple[str, ...] = (
     "The weather today is cloudy with a chance of rain in the afternoon.",
     "She opened the door and walked slowly into the kitchen.",
@@ -66,7 +66,8 @@ def fact_prompts() -> list[str]:
 
 
 def memory_texts(requests: Sequence[EditRequest], generic: bool, probes: bool, facts: bool = False) -> list[str]:
-    """Texts on which the patches must stay silent: generic sentences, with ``facts`` the built-in
+    """Texts on which an edit must stay silent (T-Patcher's memory, WISE's irrelevant inputs):
+    generic sentences, with ``facts`` the built-in
     fact prompts and, with ``probes``, the requests' locality probes (with answers) and
     neighbourhood prompts; texts that begin with one of the edit prompts are left out."""
     texts = []
