@@ -18,6 +18,12 @@ each of the top 3 blocks (3 x 64 x 2 x 576 = 221k numbers per edit). Keys start 
 (``N(0, 1/d)``), values at zero, so an untrained adaptor leaves the model unchanged. For gated
 MLPs (LLaMA family) the slots are plain ungated neurons on the MLP input (see
 :mod:`editors.ffn_patch`).
+
+Measured on the default model (README, "Patch and memory editors on the default model"): trained
+on one fact, nothing in this objective asks the slots to stay silent elsewhere, and they answer the
+new target on unrelated prompts too (100 CounterFact edits: ES 1.00, NS 0.00, locality 0.05).
+Learning rates down to 1e-3, 8 steps, and a penalty on the slots' output over generic sentences
+(tried, not kept) all left locality near 0 on the demo set.
 """
 
 from __future__ import annotations
