@@ -54,8 +54,8 @@ from torch import nn
 
 from .base import Edit, EditError, Editor, EditorConfig, EditRequest, check_finite, register_editor
 from .hooks import ModuleMemory, _first_tensor, _replace_first, trace
-from .prefix import frozen_below
 from .lm import collate_pairs, encode_pair, model_device, target_nll
+from .prefix import frozen_below
 from .targets import get_module, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
