@@ -130,8 +130,6 @@ def minimise_target_nll(model: nn.Module, batch: PairBatch, optimizer: torch.opt
     return steps_run, loss_value
 
 
-
-
 def hinge(x: torch.Tensor) -> torch.Tensor:
     """Mean of the positive entries of ``x`` (zero, with a gradient, when there are none): a margin loss."""
     positive = x[x > 0]
