@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .lm import model_device
+from .lm import cache_kwargs, cache_of, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def model_samples(
         past = None
         sampled = []
         for _ in range(length):
-            out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = model(input_ids=token, **cache_kwargs(model, past), use_cache=True, logits_to_keep=1)
+            past = cache_of(out)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator)
             sampled.append(token)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
-from .lm import join_text, model_device
+from .lm import cache_in, join_text, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class ContextPrefix:
         kw.update(kw.pop("kwargs", {}) or {})
         ctx = self.ids
         c = len(ctx)
-        past = kw.get("past_key_values")
+        past = cache_in(kw)
         started = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         batch = (ids if ids is not None else embeds).shape[0]

@@ -56,7 +56,7 @@ from torch import nn
 
 from .base import Edit, Editor, EditorConfig, EditRequest, ParamDelta, register_editor
 from .hooks import edit_input, trace
-from .lm import encode_pair, model_device, unembed
+from .lm import cache_kwargs, cache_of, encode_pair, model_device, unembed
 from .targets import get_module, get_parameter_name, get_targets, is_transposed, num_layers, weight_as_out_in
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class LastPosition:
         if self.length > 1:
             with torch.no_grad():
                 prefix_ids = input_ids[:, :-1]
-                self.prefix = model.base_model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True).past_key_values
+                self.prefix = cache_of(model.base_model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True))
 
     def hidden(self, rows: int) -> torch.Tensor:
         """Final hidden states ``[rows, hidden]`` at the last position, ``rows`` copies in one batch."""
@@ -150,7 +150,7 @@ class LastPosition:
                 cache.batch_repeat_interleave(rows)
         ids = self.last.expand(rows, 1)
         mask = torch.ones(rows, self.length, dtype=torch.long, device=ids.device)
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, **cache_kwargs(self.model.base_model, cache), use_cache=cache is not None)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden[:, -1]
 

@@ -8,11 +8,58 @@ costs a large share of a small model's forward pass.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+
+
+# -- the key-value cache under both of its names ----------------------------------------------
+# transformers renamed the forward argument and output field ``past_key_values`` to ``cache``
+# (5.x; the old name stays as a deprecated alias for a while). Generation hands the cache over
+# under the new name, so a forward hook that looks only for ``past_key_values`` believes every
+# decoding step starts a new sequence. These helpers read and pass it under whichever name the
+# installed release uses.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(forward: Any) -> str:
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes a key-value cache."""
+    return _cache_argument_of(type(model).forward)
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a forward call of ``model`` (``**cache_kwargs(model, past)``)."""
+    return {cache_argument(model): cache}
+
+
+def cache_in(kwargs: Mapping[str, Any]) -> Any:
+    """The key-value cache among a forward call's keyword arguments (``None`` if none)."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_of(output: Any) -> Any:
+    """The key-value cache a forward pass returned (``None`` if none)."""
+    for name in _CACHE_NAMES:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def join_text(prompt: str, target: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .hooks import _replace_first, trace
-from .lm import model_device
+from .lm import cache_kwargs, cache_of, model_device
 from .targets import ModelTargets, get_module
 
 
@@ -102,7 +102,7 @@ class FrozenPrefix:
                     position_ids=prefix_positions,
                     use_cache=True,
                 )
-                self.cache = out.past_key_values
+                self.cache = cache_of(out)
             # The unedited suffix pass: records what enters the edited block, and whatever the
             # caller asked for (e.g. the edited module's inputs and outputs).
             with _block_input(self.blocks[layer]) as entering, trace(model, list(record), inputs=True, outputs=True) as traced:
@@ -119,7 +119,7 @@ class FrozenPrefix:
             input_ids=self.suffix_ids,
             attention_mask=self.mask,
             position_ids=self.suffix_positions,
-            past_key_values=self.cache,
+            **cache_kwargs(self.body, self.cache),
             use_cache=self.cache is not None,
         )
         return out[0] if isinstance(out, tuple) else out.last_hidden_state

@@ -75,6 +75,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from editors.lm import cache_kwargs, cache_of
+
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -835,7 +837,7 @@ class PrefixScorer:
         shared = self._common_length(prefixes)
         base = None
         if shared:
-            base = self.model(input_ids=self._tensor([list(prefixes[0][:shared])]), use_cache=True).past_key_values
+            base = cache_of(self.model(input_ids=self._tensor([list(prefixes[0][:shared])]), use_cache=True))
             self._measure(base)
             self.tokens += shared
 
@@ -849,7 +851,7 @@ class PrefixScorer:
             out = self.model(
                 input_ids=self._tensor([rest + [self.pad_id] * (width - len(rest)) for rest in rests]),
                 position_ids=(shared + torch.arange(width, device=self.device)).expand(len(batch), width),
-                past_key_values=_take_rows(base, torch.zeros(len(batch), dtype=torch.long, device=self.device)) if base is not None else None,
+                **cache_kwargs(self.model, _take_rows(base, torch.zeros(len(batch), dtype=torch.long, device=self.device)) if base is not None else None),
                 use_cache=needs_cache,
                 logits_to_keep=(lengths - 1)[:, None],
             )
@@ -861,10 +863,10 @@ class PrefixScorer:
                 if progress is not None:
                     progress(len(by_prefix[pid]) - sum(len(on_row[rid]) for rid in rows_of[pid]))
             if needs_cache:
-                self._measure(out.past_key_values)
+                self._measure(cache_of(out))
                 mask = torch.ones(len(batch), shared + width, dtype=torch.long, device=self.device)
                 mask[:, shared:] = (torch.arange(width, device=self.device)[None, :] < lengths[:, None]).long()
-                self._tails(out.past_key_values, mask, shared + lengths, batch, rows, rows_of, on_row, progress)
+                self._tails(cache_of(out), mask, shared + lengths, batch, rows, rows_of, on_row, progress)
             del out
         return list(zip(self._logprob, self._greedy))
 
@@ -903,7 +905,7 @@ class PrefixScorer:
                     input_ids=ids[:, start:stop],
                     attention_mask=attention[:, : past + stop],
                     position_ids=positions[:, start:stop],
-                    past_key_values=cache_rows,
+                    **cache_kwargs(self.model, cache_rows),
                     use_cache=stop < width,
                     logits_to_keep=keep,
                 )

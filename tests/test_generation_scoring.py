@@ -282,3 +282,64 @@ def test_generation_scoring_sees_a_serac_edit(tiny_model, tokenizer):
         edit.revert(tiny_model)
     assert post["generation"] != pre["generation"]
     assert measure_case(tiny_model, tokenizer, request, config) == pre  # reverted: the unedited answers again
+
+
+HOOK_EDITORS = ("serac", "grace", "wise", "t_patcher", "calinet", "ike")
+
+
+def _greedy_logits(model, tokenizer, prompt: str, max_new_tokens: int, cached: bool) -> torch.Tensor:
+    """The logits of each greedy step ``[steps, vocab]``: through ``model.generate`` with the
+    key-value cache, or running the whole sequence again at every step without one."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        if cached:
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
+            )
+            return torch.cat(out.logits)
+        steps = []
+        for _ in range(max_new_tokens):
+            steps.append(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1])
+            ids = torch.cat([ids, steps[-1].argmax().view(1, 1)], dim=1)
+        return torch.stack(steps)
+
+
+@pytest.mark.usefixtures("isolated_cache")
+@pytest.mark.parametrize("name", HOOK_EDITORS)
+def test_hook_editors_generate_alike_batched_alone_and_uncached(tiny_model, tokenizer, name):
+    """An editor that works through forward hooks must decode alike whether a prompt is generated
+    in a padded batch or alone, with the key-value cache or without any cache: its hooks have to
+    follow the cache under whichever name the installed transformers passes it."""
+    from editors import get_editor
+    from test_editors import TEST_SETTINGS
+
+    request = make_request(target_new="Paris")
+    editor = get_editor(name)
+    settings = dict(TEST_SETTINGS[name])
+    if name == "serac":  # route every position to the counterfactual model, perturbed so it answers otherwise
+        settings.update(init_threshold=-1.0)
+    prompts = [request.prompt, "The capital of Italy is", "Danielle Darrieux speaks the language", "Paris"]
+    budgets = [6, 4, 5, 3]
+    before = greedy_continuations(tiny_model, tokenizer, prompts, budgets, batch_size=3)
+    edit = editor().apply(tiny_model, tokenizer, [request], editor.config_class(**settings))
+    try:
+        if name == "serac":
+            from editors.serac import EditMemory
+
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for parameter in EditMemory.of(tiny_model).network.parameters():
+                    parameter.add_(torch.randn_like(parameter))
+        batched = greedy_continuations(tiny_model, tokenizer, prompts, budgets, batch_size=3)
+        alone = [_generate_alone(tiny_model, tokenizer, p, n) for p, n in zip(prompts, budgets)]
+        for prompt, budget in zip(prompts, budgets):
+            cached = _greedy_logits(tiny_model, tokenizer, prompt, budget, cached=True)
+            uncached = _greedy_logits(tiny_model, tokenizer, prompt, budget, cached=False)
+            assert torch.allclose(cached, uncached, atol=1e-4), (prompt, (cached - uncached).abs().max())
+    finally:
+        edit.revert(tiny_model)
+    assert batched == alone
+    if name == "serac":
+        assert batched != before  # the check is not vacuous: the hooks did change the text
+    assert greedy_continuations(tiny_model, tokenizer, prompts, budgets, batch_size=3) == before

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors import Edit, EditError, get_editor
-from editors.lm import collate_pairs, encode_pair, logits_at
+from editors.lm import cache_kwargs, cache_of, collate_pairs, encode_pair, logits_at
 from editors.wise import MEMORY_ATTRIBUTE, SideMemory, WISEEdit, activations, shard_mask, ties_merge
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -117,10 +117,10 @@ def test_cached_generation_routes_like_one_pass(tiny_model, tokenizer, request_f
         full = tiny_model(ids).logits
         out = tiny_model(ids[:, :5], use_cache=True)
         steps = [out.logits]
-        past = out.past_key_values
+        past = cache_of(out)
         for t in range(5, ids.shape[1]):
-            out = tiny_model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, past), use_cache=True)
+            past = cache_of(out)
             steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from editors.base import EditError
 from editors.hooks import trace
-from editors.lm import hidden_states, model_device
+from editors.lm import cache_in, hidden_states, model_device
 from editors.targets import get_module
 
 from .network import SERACNetwork
@@ -274,7 +274,7 @@ class EditMemory:
         if mask is not None:
             past = mask.shape[1] - new
         else:
-            cache = kwargs.get("past_key_values")
+            cache = cache_in(kwargs)
             past = max(cache.get_seq_length() - new, 0) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past == 0:
             history = input_ids
