@@ -13,17 +13,19 @@ editor's name under ``editor.name``.
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from editors import available_editors, get_editor
 
+from .distributed import Shard, init_from_environment
 from .general import GeneralConfig
+from .run_dir import RunDir, RunDirError
 from .runner import DEFAULT_CHECKPOINTS, MODES, EditRun
 from .scoring import EvalConfig
 
@@ -90,8 +92,8 @@ def build_parser(editor_name: str) -> ArgumentParser:
         help=f"sequential mode: numbers of edits at which all edits so far and the general suite are scored (default {list(DEFAULT_CHECKPOINTS)} up to the number of cases, and the last)",
     )
     parser.add_argument("--budget_threshold", "--budget-threshold", type=float, default=0.1, help="edit budget: relative fall of any general-ability score that counts as broken")
-    parser.add_argument("--out", type=Optional[str], default=None, help="output folder (default runs/<editor>_<data>_<mode>); an unfinished run there is resumed")
-    parser.add_argument("--overwrite", type=bool, default=False, nargs="?", const=True, help="discard results already in --out instead of resuming")
+    parser.add_argument("--out", type=Optional[str], default=None, help="output folder (default runs/<editor>_<data>_<mode>); an unfinished run there is resumed; a folder another run is writing is refused")
+    parser.add_argument("--overwrite", type=bool, default=False, nargs="?", const=True, help="discard the results edit.py wrote in --out (only in a folder it made, once model and data load) instead of resuming")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", type=str, default="float32", help="float32 (default), bfloat16, float16")
     parser.add_argument("--device_map", "--device-map", type=Optional[str], default=None, help="'auto' spreads a large model over the available devices (accelerate); overrides --device")
@@ -114,26 +116,80 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in free}
 
 
-def prepare_out(parser: ArgumentParser, cfg: Namespace, out: Path) -> None:
-    """Refuse to mix runs: an existing folder must hold the same settings (or --overwrite)."""
+def _flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Settings by dotted key (``editor.lr``), as they are given on the command line."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def setting_changes(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The settings that differ between a saved run and this command, as ``key: old -> new``
+    (settings that may change on resumption left out)."""
+    old, new = _flatten(_comparable(saved)), _flatten(_comparable(given))
+    unset = "(unset)"
+    return [f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}" for key in sorted(set(old) | set(new)) if old.get(key, unset) != new.get(key, unset)]
+
+
+def prepare_out(parser: ArgumentParser, cfg: Namespace, run_dir: RunDir) -> None:
+    """Refuse to mix runs: a folder holding a run must hold the same settings (or --overwrite).
+
+    Called with the folder claimed and only once the model, the data and the editor's settings
+    are known to be good, so that neither a mistyped option discards results (--overwrite) nor a
+    failed start leaves a config.yaml behind that refuses the corrected command.
+    """
     resolved = yaml.safe_load(parser.dump(cfg))
-    saved_path = out / "config.yaml"
-    if cfg.overwrite and out.exists():
-        for name in ("cases.jsonl", "pre.jsonl", "summary.json", "config.yaml", "checkpoints.jsonl", "curves.png", "checkpoints.md"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("edits", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    elif saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        old, new = _comparable(saved), _comparable(resolved)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if differ:
-            raise SystemExit(
-                f"edit.py: error: {out} holds a run with other settings (differing: {', '.join(differ)}). "
-                f"Use another --out, or --overwrite to discard it."
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    try:
+        if cfg.overwrite:
+            run_dir.reset()
+        else:
+            saved = run_dir.read_config()
+            if saved is None and run_dir.has_results():
+                raise RunDirError(f"{run_dir.root} holds results but no config.yaml, so they cannot be matched to these settings. Use --overwrite to discard them, or another --out.")
+            changes = setting_changes(saved, resolved) if saved is not None else []
+            if changes:
+                raise RunDirError(f"{run_dir.root} holds a run with other settings ({'; '.join(changes)}). Use another --out, or --overwrite to discard it.")
+    except RunDirError as err:
+        raise SystemExit(f"edit.py: error: {err}") from None
+    run_dir.write_config(resolved)
+
+
+@contextmanager
+def claimed(run_dir: RunDir, shard: Shard) -> Iterator[None]:
+    """Hold the run folder for the whole run; a folder edit.py did not make, or one another run
+    holds, is refused. Only the main process of a sharded run takes the lock (the others write
+    only their own shard files, and would be refused by it)."""
+    with ExitStack() as stack:
+        if shard.is_main:
+            try:
+                stack.enter_context(run_dir.claim())
+            except RunDirError as err:
+                raise SystemExit(f"edit.py: error: {err}") from None
+        yield
+
+
+def _load_data(cfg: Namespace) -> tuple[list[Any], list[str]]:
+    """The edit requests, and the records skipped as invalid (with --skip_invalid)."""
+    from datamodules import RecordError, load_requests, validate_records
+
+    skipped: list[str] = []
+    try:
+        if cfg.skip_invalid:
+            requests, errors = validate_records(cfg.data, format=cfg.format, limit=cfg.limit)
+            skipped = [str(err) for err in errors]
+            for message in skipped:
+                logger.warning("skipped: %s", message)
+        else:
+            requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit)
+    except (RecordError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"edit.py: error: {err}")
+    if not requests:
+        raise SystemExit(f"edit.py: error: {cfg.data} holds no valid records")
+    return requests, skipped
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -142,7 +198,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from datamodules import RecordError, load_requests, validate_records
     from evaluation.models import ModelLoadError, load_model
     from evaluation.report import summary_table
 
@@ -162,56 +217,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--editor.*: {err}")
     eval_config = EvalConfig(**vars(cfg.eval))
     general_config = GeneralConfig(**vars(cfg.general))
-    out = Path(cfg.out) if cfg.out else _default_out(cfg)
-
-    skipped: list[str] = []
-    try:
-        if cfg.skip_invalid:
-            requests, errors = validate_records(cfg.data, format=cfg.format, limit=cfg.limit)
-            skipped = [str(err) for err in errors]
-            for message in skipped:
-                logger.warning("skipped: %s", message)
-        else:
-            requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit)
-    except (RecordError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"edit.py: error: {err}")
-    if not requests:
-        raise SystemExit(f"edit.py: error: {cfg.data} holds no valid records")
-    from .distributed import init_from_environment
-
+    run_dir = RunDir(Path(cfg.out) if cfg.out else _default_out(cfg))
     shard, device = init_from_environment(cfg.device)
-    if shard.is_main:
-        prepare_out(parser, cfg, out)
-    shard.barrier()
-    logger.info("%d edit requests from %s; results in %s", len(requests), cfg.data, out)
-    try:
-        model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
-    except ModelLoadError as err:
-        raise SystemExit(f"edit.py: error: {err}")
-
-    try:
-        run = EditRun(
-            model,
-            tokenizer,
-            editor_cls(),
-            editor_config,
-            requests,
-            out,
-            mode=cfg.mode,
-            edits_per_call=cfg.edits_per_call,
-            eval_config=eval_config,
-            progress=cfg.progress,
-            info={"skipped_records": skipped} if skipped else None,
-            checkpoints=cfg.checkpoints,
-            general=general_config,
-            budget_threshold=cfg.budget_threshold,
-        )
-    except ValueError as err:
-        raise SystemExit(f"edit.py: error: {err}")
-    summary = run.run()
+    # The folder is held from before the data and the model load (a second run is refused at
+    # once) to the end of the run; it is reset or given its config.yaml only once both loaded.
+    with claimed(run_dir, shard):
+        requests, skipped = _load_data(cfg)
+        logger.info("%d edit requests from %s; results in %s", len(requests), cfg.data, run_dir.root)
+        try:
+            model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+        except ModelLoadError as err:
+            raise SystemExit(f"edit.py: error: {err}")
+        try:
+            run = EditRun(
+                model,
+                tokenizer,
+                editor_cls(),
+                editor_config,
+                requests,
+                run_dir.root,
+                mode=cfg.mode,
+                edits_per_call=cfg.edits_per_call,
+                eval_config=eval_config,
+                progress=cfg.progress,
+                info={"skipped_records": skipped} if skipped else None,
+                checkpoints=cfg.checkpoints,
+                general=general_config,
+                budget_threshold=cfg.budget_threshold,
+            )
+        except ValueError as err:
+            raise SystemExit(f"edit.py: error: {err}")
+        if shard.is_main:
+            prepare_out(parser, cfg, run_dir)
+        shard.barrier()
+        summary = run.run()
     if not shard.is_main:
         return summary
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"
     print(summary_table(summary, title))
-    print(f"results: {out}/summary.json, {out}/cases.jsonl, TensorBoard: {out}/tensorboard")
+    print(f"results: {run_dir.summary}, {run_dir.cases}, TensorBoard: {run_dir.tensorboard}")
     return summary

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from .report import ROWS
+from .run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,8 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a run folder")
-    summary_path = path / "summary.json"
+    folder = RunDir(path)
+    summary_path = folder.summary
     summary: dict[str, Any] = {}
     if summary_path.is_file():
         try:
@@ -295,7 +297,7 @@ def load_run(run_dir: str | Path) -> Run:
             logger.warning("%s: mode is %r, not 'sequential'", summary_path, summary.get("mode"))
     else:
         logger.warning("%s: missing; labelling the run by its folder name", summary_path)
-    checkpoints = read_checkpoints(path / "checkpoints.jsonl")
+    checkpoints = read_checkpoints(folder.checkpoints)
     label = str(summary.get("editor") or path.resolve().name)
     return Run(label=label, path=path, summary=summary, checkpoints=checkpoints)
 
@@ -574,7 +576,7 @@ def compare(
         try:
             budgets[run.label] = edit_budget(run.checkpoints, threshold, headline_map)
         except ValueError as error:
-            raise ValueError(f"{run.path / 'checkpoints.jsonl'}: {error}") from None
+            raise ValueError(f"{RunDir(run.path).checkpoints}: {error}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, out / "compare.png", threshold, headline_map)

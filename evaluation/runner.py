@@ -20,7 +20,8 @@ scored with all its rewrites applied and then reverted.
 Every finished case is appended to ``cases.jsonl`` at once (flushed and synced), holding the
 raw measurements before and after editing; ``summary.json`` is recomputed from that file, so a
 run that is stopped and started again with the same command continues where it stopped and ends
-with the same summary.
+with the same summary. The folder's layout and its file handling belong to
+:class:`evaluation.run_dir.RunDir`; this module only runs the loop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -40,6 +40,7 @@ from editors.lm import model_device
 
 from .distributed import current_shard
 from .efficiency import measure
+from .run_dir import JsonlWriter, RunDir, read_jsonl
 from .scoring import EvalConfig, RunMetrics, case_scores, measure_case, protocols_of
 
 if TYPE_CHECKING:
@@ -49,40 +50,6 @@ logger = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (an interrupted write) is dropped and trimmed."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("%s: dropping an incomplete last line (interrupted write)", path)
-                path.write_text("".join(json.dumps(r) + "\n" for r in records))
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged") from None
-    return records
-
-
-class JsonlWriter:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handle = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequest]]:
@@ -102,15 +69,6 @@ def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequ
         else:
             units.append(list(block))
     return units
-
-
-def _save_atomically(edit: Edit, directory: Path) -> None:
-    """Save an edit so that an interruption never leaves a half-written edit folder behind
-    (a resumed run re-applies every folder it finds): write beside it, then rename."""
-    staging = directory.parent / f".{directory.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    edit.save(staging)
-    os.replace(staging, directory)
 
 
 def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:
@@ -170,23 +128,22 @@ class EditRun:
         self.model, self.tokenizer = model, tokenizer
         self.editor, self.editor_config = editor, editor_config
         self.requests = list(requests)
-        self.out = Path(out_dir)
+        self.dir = RunDir(out_dir)
+        self.out = self.dir.root
         self.mode = mode
         self.edits_per_call = 1 if mode == "single" else max(1, edits_per_call)
         self.eval = eval_config or EvalConfig()
         self.progress = progress
         self.device = model_device(model)
-        self.cases_path = self.out / "cases.jsonl"
-        self.checkpoints_path = self.out / "checkpoints.jsonl"
+        self.cases_path = self.dir.cases
+        self.checkpoints_path = self.dir.checkpoints
         self.checkpoints = checkpoint_schedule(len(self.requests), checkpoints)
         self.budget_threshold = budget_threshold
         self.info = dict(info or {})  # extra run facts for summary.json (e.g. skipped records)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.shard.active:
-            (self.out / "shards").mkdir(exist_ok=True)
+        self.dir.prepare(shards=self.shard.active)
         if self.shard.is_main:
             self._merge_shards()
         self.shard.barrier()  # every process reads the same finished cases before any writes
@@ -214,23 +171,11 @@ class EditRun:
         return self.write_summary(time.perf_counter() - started)
 
     def _shard_path(self, rank: int | None = None) -> Path:
-        return self.out / "shards" / f"cases-{self.shard.rank if rank is None else rank}.jsonl"
+        return self.dir.shard_cases(self.shard.rank if rank is None else rank)
 
     def _merge_shards(self) -> None:
         """Fold the per-process case files of a sharded run into ``cases.jsonl``, in data order."""
-        shard_files = sorted((self.out / "shards").glob("cases-*.jsonl"))
-        if not shard_files:
-            return
-        records = {r["case_id"]: r for r in read_jsonl(self.cases_path)}
-        for path in shard_files:
-            records.update({r["case_id"]: r for r in read_jsonl(path)})
-        position = {r.case_id: i for i, r in enumerate(self.requests)}
-        ordered = sorted(records.values(), key=lambda r: (position.get(r["case_id"], len(position)), str(r["case_id"])))
-        staging = self.cases_path.with_suffix(".jsonl.merging")
-        staging.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-        os.replace(staging, self.cases_path)
-        for path in shard_files:
-            path.unlink()
+        self.dir.merge_shards([r.case_id for r in self.requests])
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="case", disable=not self.progress, dynamic_ncols=True)
@@ -282,10 +227,10 @@ class EditRun:
 
     def _run_sequential(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
         # 1. Unedited measurements of every case (needed as the locality reference).
-        pre_path = self.out / "pre.jsonl"
+        pre_path = self.dir.pre
         pre = {r["case_id"]: r["raw"] for r in read_jsonl(pre_path) if "raw" in r}
-        edits_dir = self.out / "edits"
-        saved = sorted(edits_dir.glob("[0-9]*")) if edits_dir.is_dir() else []
+        edits_dir = self.dir.edits
+        saved = self.dir.saved_edits()
         if saved and any(r.case_id not in pre for r in todo):
             raise RuntimeError(f"{self.out}: saved edits exist but unedited measurements are incomplete; start a fresh --out")
         pre_writer = JsonlWriter(pre_path)
@@ -331,7 +276,7 @@ class EditRun:
                     for edit in edits:
                         applied.append(edit)
                         edit.info["cost"] = {c: costs[c] for c in edit.case_ids if c in costs}
-                        _save_atomically(edit, edits_dir / f"{len(applied):06d}")
+                        self.dir.save_edit(edit, len(applied))
                     bar.update(len(unit))
                     self._advance(edited, unit, recorded, costs, final)
             edited.sort(key=lambda r: order[r.case_id])
@@ -433,11 +378,7 @@ class EditRun:
             **({"general_cached": True} if cached else {}),
             "checkpoint_seconds": round(time.perf_counter() - started, 3),
         }
-        writer = JsonlWriter(self.checkpoints_path)
-        try:
-            writer.write(line)
-        finally:
-            writer.close()
+        self.dir.append(self.checkpoints_path, line)
         return line
 
     # -- outputs -------------------------------------------------------------------------------
@@ -465,7 +406,7 @@ class EditRun:
                 return summary
         if read_jsonl(self.checkpoints_path):
             summary.update(self._checkpoint_outputs(summary))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.dir.write_summary(summary)
         self._tensorboard(records, flat)
         return summary
 
@@ -480,9 +421,9 @@ class EditRun:
         budgets = {}
         if checkpoints[0]["edits"] == 0 and checkpoints[0].get("general"):
             out["edit_budget"] = budgets[run.label] = compare.edit_budget(checkpoints, threshold=self.budget_threshold)
-        compare.plot_runs([run], self.out / "curves.png", threshold=self.budget_threshold)
-        (self.out / "checkpoints.md").write_text(compare.markdown_table([run], budgets))
-        compare.write_tensorboard(checkpoints, self.out / "tensorboard")
+        compare.plot_runs([run], self.dir.curves, threshold=self.budget_threshold)
+        self.dir.checkpoints_md.write_text(compare.markdown_table([run], budgets))
+        compare.write_tensorboard(checkpoints, self.dir.tensorboard)
         return out
 
     def _tensorboard(self, records: list[dict[str, Any]], flat: dict[str, float]) -> None:
@@ -491,7 +432,7 @@ class EditRun:
         except ImportError:  # tensorboard is a dependency; tolerate its absence in minimal installs
             logger.warning("tensorboard is not installed; skipping TensorBoard scalars")
             return
-        writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        writer = SummaryWriter(log_dir=str(self.dir.tensorboard))
         try:
             for step, record in enumerate(records):
                 for stage in ("pre", "post"):
