@@ -235,3 +235,9 @@ def test_edits_of_one_weight_revert_only_in_reverse_order(name, tiny_model, toke
     for n, p in tiny_model.named_parameters():
         assert torch.equal(p, original[n]), f"{n} not restored bit-exactly"
 
+
+@pytest.mark.parametrize("name", ["ft_l", "ft_m"])
+@pytest.mark.parametrize("bound", [-1e-3, 0.0, float("nan")])
+def test_ft_refuses_a_norm_constraint_that_is_not_positive(name, bound):
+    with pytest.raises(ValueError, match="norm_constraint .* must be positive"):
+        get_editor(name).config_class(norm_constraint=bound)
