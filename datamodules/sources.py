@@ -4,7 +4,7 @@ A *source* is what users type instead of a path: ``counterfact-demo``, ``zsre-de
 ``mquake-demo`` are JSON files inside this package (``datamodules/demo/``); ``counterfact``,
 ``zsre`` and ``mquake`` are the full public datasets, downloaded on first use into the user's
 cache directory (``$FACTEDIT_CACHE/data``, by default ``~/.cache/factedit/data``) and verified by
-SHA-256 where the checksum is known.
+SHA-256, or by the Git blob id of a file served from a Git repository, where one is known.
 
 Nothing here touches the network or the disk at import time; :func:`resolve_source` is the one
 entry point, called by :func:`datamodules.records.load_requests` and by the datamodules'
@@ -40,6 +40,9 @@ class Source:
     ``filename`` is relative to the package's ``demo/`` folder for bundled sources and to the
     cache directory for downloaded ones. ``sha256`` and ``size`` verify a download; ``None``
     means the value is not known (the digest is then logged so that it can be recorded).
+    ``git_blob`` verifies a file served raw from a Git repository by the id its tree lists for
+    it (SHA-1 of ``b"blob <size>\0"`` + the bytes): a repository publishes that for every file,
+    where it publishes no SHA-256.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Source:
     url: str | None = None
     sha256: str | None = None
     size: int | None = None
+    git_blob: str | None = None
 
     @property
     def bundled(self) -> bool:
@@ -91,8 +95,9 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
             filename="zsre_mem-eval.json",
             description="zsRE question answering edits, MEND evaluation split",
             url="https://rome.baulab.info/data/dsets/zsre_mem-eval.json",
-            # The published checksum of this file is not known. With sha256=None the download is
-            # kept and its computed digest is logged, so that it can be filled in here.
+            # No checksum of this file is published, and no copy of the original is at hand (the
+            # zsRE files of ../shared/data are other splits, re-serialised). With sha256=None the
+            # download is kept and its computed digest is logged, so that it can be filled in here.
             sha256=None,
         ),
         "mquake": Source(
@@ -101,10 +106,11 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
             filename="MQuAKE-CF-3k.json",
             description="MQuAKE-CF-3k (Zhong et al., 2023), 3,000 multi-hop cases of 1-4 edits each, MQuAKE format",
             url="https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json",
-            # No checksum of this file is published (the repository has no release or Git-LFS
-            # pointer for it). With sha256=None the download is kept and its computed digest is
-            # logged, so that it can be filled in here.
+            # No SHA-256 of this file is published (the repository has no release or Git-LFS
+            # pointer for it); its tree lists the blob id, unchanged since commit a4f38bb
+            # (2023-06-08) and still the one at main's fb43dad (2024-09-12).
             sha256=None,
+            git_blob="b9d0963c6c1c81b24d8113ffdc3fd0865a423e18",
         ),
     }
 )
@@ -172,20 +178,29 @@ def ensure_downloaded(source: Source, download: bool = True, directory: Path | N
         raise SourceError(f"{source.name!r} is bundled with the package; there is nothing to download")
     dest = source_path(source, directory)
     if dest.is_file():
-        if source.sha256 is None or sha256_of(dest) == source.sha256:
+        if (source.sha256 is None or sha256_of(dest) == source.sha256) and (source.git_blob is None or git_blob_of(dest) == source.git_blob):
             return dest
-        logger.warning("%s: checksum does not match the expected %s; downloading %s again", dest, source.sha256, source.name)
+        logger.warning("%s: checksum does not match the expected %s; downloading %s again", dest, source.sha256 or source.git_blob, source.name)
     if not download:
         raise SourceError(
             f"data set {source.name!r} is not downloaded yet (expected at {dest}); call prepare_data() "
             f"or load it once with downloads allowed, or pass a local path instead"
         )
-    return download_file(source.url, dest, sha256=source.sha256, size=source.size, name=source.name)
+    return download_file(source.url, dest, sha256=source.sha256, size=source.size, name=source.name, git_blob=source.git_blob)
 
 
 def sha256_of(path: Path) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_blob_of(path: Path) -> str:
+    """The id Git gives a file's content: SHA-1 of ``b"blob <size>\0"`` followed by the bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
@@ -199,8 +214,9 @@ def download_file(
     size: int | None = None,
     name: str | None = None,
     timeout: float = 60.0,
+    git_blob: str | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest`` atomically, verifying its size and SHA-256 when given.
+    """Download ``url`` to ``dest`` atomically, verifying its size, SHA-256 and Git blob id when given.
 
     The bytes go to a temporary file in ``dest``'s folder, which is renamed onto ``dest`` only
     once it is complete and verified; on any failure the temporary file is removed, so ``dest``
@@ -235,9 +251,12 @@ def download_file(
         if size is not None and received != size:
             raise SourceError(f"download of {label} from {url} is incomplete or wrong: {received:,} bytes, expected {size:,}")
         actual = digest.hexdigest()
-        if sha256 is None:
+        blob = git_blob_of(tmp) if git_blob is not None else None
+        if blob != git_blob:
+            raise SourceError(f"download of {label} from {url} failed verification: git blob id {blob}, expected {git_blob}")
+        if sha256 is None and git_blob is None:
             logger.warning("%s: no checksum is recorded for %s; keeping the file, sha256=%s (%d bytes)", dest, label, actual, received)
-        elif actual != sha256:
+        elif sha256 is not None and actual != sha256:
             raise SourceError(f"download of {label} from {url} failed verification: sha256 {actual}, expected {sha256}")
         os.replace(tmp, dest)
     except BaseException:

@@ -7,7 +7,8 @@ Every editor, trained or training-free, implements one call::
 which changes ``model`` in place and returns an :class:`Edit`. The edit remembers what it
 replaced, so ``edit.revert(model)`` restores the weights bit-exactly; ``edit.save(dir)`` writes it
 as safetensors + JSON and ``Edit.load(dir)`` reads it back, to be applied to a fresh copy of the
-same model with ``edit.apply(model)``.
+same model with ``edit.apply(model)``. A saved edit records the model it was made for
+(:class:`ModelRecord`), and applying it to another refuses unless forced.
 """
 
 from __future__ import annotations
@@ -179,13 +180,81 @@ class ParamDelta:
     def rank(self) -> int | None:
         return None if self.left is None else self.left.shape[-1]
 
-    def dense(self) -> torch.Tensor:
-        return self.delta if self.delta is not None else self.left @ self.right
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The full change, computed on ``device`` (default: where the tensors are).
+
+        Applying computes the product on the parameter's device, so that an edit made there and
+        the same edit loaded from disk (whose factors are on the CPU) write the same bits.
+        """
+        if self.delta is not None:
+            return self.delta.to(device) if device is not None else self.delta
+        if device is not None:
+            return self.left.to(device) @ self.right.to(device)
+        return self.left @ self.right
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.delta is not None:
             return {"delta": self.delta}
         return {"left": self.left, "right": self.right}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold identical bytes (unlike ``torch.equal``: NaN equals NaN, -0 differs from 0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_bytes = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)
+    return torch.equal(as_bytes(a), as_bytes(b.to(a.device)))
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The model an edit was made for, saved with it so that it is not applied to another.
+
+    ``fingerprint`` is :func:`editors.stats.model_fingerprint` of the model just before the edit
+    was first applied (a hash of the config and of a strided sample of every weight: about 25 ms
+    for a 135M-parameter model on a CPU). In a sequential run edit ``k`` was made on the model
+    carrying edits ``1..k-1``, so its fingerprint is that model's: the saved edits re-apply in
+    order onto the same base model, and applying edit ``k`` alone to the base is refused. Only
+    the weights count: hooks of memory editors are not part of it. ``shapes`` are those of the
+    parameters the edit changes (none for memory and patch editors).
+    """
+
+    model_type: str
+    fingerprint: str
+    shapes: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, param_names: Sequence[str]) -> "ModelRecord":
+        from .stats import model_fingerprint  # stats imports modules that import this one
+
+        params = dict(model.named_parameters())
+        shapes = {name: list(params[name].shape) for name in sorted(param_names) if name in params}
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        return cls(str(model_type), model_fingerprint(model), shapes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: Any, where: str) -> "ModelRecord":
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("model_type", "fingerprint")) or not isinstance(row.get("shapes"), dict):
+            raise EditError(f"{where}: field 'model' must hold model_type, fingerprint and shapes")
+        return cls(row["model_type"], row["fingerprint"], {str(k): [int(n) for n in v] for k, v in row["shapes"].items()})
+
+    def differences(self, other: "ModelRecord") -> list[str]:
+        """How ``other`` (the model at hand) differs from this record, worst first."""
+        found = []
+        if other.model_type != self.model_type:
+            found.append(f"architecture {other.model_type!r}, the edit was made for {self.model_type!r}")
+        for name, shape in self.shapes.items():
+            if other.shapes.get(name) != shape:
+                found.append(f"parameter {name} has shape {other.shapes.get(name)}, the edit was made for {shape}")
+        if not found and other.fingerprint != self.fingerprint:
+            found.append(
+                f"weights fingerprint {other.fingerprint}, the edit was made on {self.fingerprint} (another checkpoint "
+                "or dtype, or not the edits that preceded it: apply those first, in order)"
+            )
+        return found
 
 
 _EDIT_KINDS: dict[str, type["Edit"]] = {}
@@ -195,8 +264,13 @@ class Edit:
     """A reversible change to a model's parameters.
 
     ``deltas`` maps parameter names (as in ``model.named_parameters()``) to their change. Applying
-    snapshots the current values of exactly those parameters; reverting copies the snapshots
-    back, so the model returns to its previous bits whatever rounding the addition did.
+    snapshots the current values of exactly those parameters and keeps a copy of what it wrote;
+    reverting copies the snapshots back, so the model returns to its previous bits whatever
+    rounding the addition did. A snapshot is only right while the parameter still holds what this
+    edit wrote: if a later edit (or the user) changed it since, restoring would silently undo
+    that change too, so revert refuses and edits are reverted in the reverse order of applying.
+    ``made_for`` records the model of the first application (:class:`ModelRecord`); later
+    applications (of a loaded edit, say) check against it.
     Subclasses for memory- or code-based editors override :meth:`_apply`, :meth:`_revert`,
     :meth:`_state_tensors` and :meth:`_from_state`, and register themselves with ``kind``.
     """
@@ -216,7 +290,9 @@ class Edit:
         self.case_ids = [str(c) for c in case_ids]
         self.config = dict(config or {})
         self.info = dict(info or {})
+        self.made_for: ModelRecord | None = None
         self._snapshots: dict[str, torch.Tensor] = {}
+        self._written: dict[str, torch.Tensor] = {}
         self._applied_to: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -238,31 +314,56 @@ class Edit:
         return sum(t.numel() for d in self.deltas.values() for t in d.tensors().values())
 
     # -- apply / revert ------------------------------------------------------------------------
-    def apply(self, model: torch.nn.Module) -> "Edit":
-        """Add the change to ``model`` (in place). Refuses non-finite updates and double application."""
+    def apply(self, model: torch.nn.Module, force: bool = False) -> "Edit":
+        """Add the change to ``model`` (in place). Refuses non-finite updates and double application,
+        and, unless ``force``, a model other than the one the edit was made for (:class:`ModelRecord`)."""
         if self.is_applied:
             raise EditError(f"{self.editor} edit is already applied; revert it first")
+        here = ModelRecord.of(model, self.param_names)
+        if self.made_for is not None and not force:
+            differences = self.made_for.differences(here)
+            if differences:
+                raise EditError(f"{self.editor} edit was made for another model: {'; '.join(differences)}. Pass force=True to apply it anyway")
         self._apply(model)
+        if self.made_for is None:
+            self.made_for = here
         self._applied_to = id(model)
         return self
 
-    def revert(self, model: torch.nn.Module) -> None:
-        """Restore the parameters this edit changed to their exact values before :meth:`apply`."""
+    def revert(self, model: torch.nn.Module, force: bool = False) -> None:
+        """Restore the parameters this edit changed to their exact values before :meth:`apply`.
+
+        Refuses, touching nothing, when a parameter no longer holds what this edit wrote (a later
+        edit not yet reverted, or a change by hand): its snapshot would discard that change.
+        ``force`` restores the snapshots anyway, discarding it.
+        """
         if not self.is_applied:
             raise EditError(f"{self.editor} edit is not applied")
         if self._applied_to != id(model):
             raise EditError(f"{self.editor} edit was applied to a different model object")
+        if not force:
+            self._check_unchanged(model)
         self._revert(model)
         self._applied_to = None
 
     @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator["Edit"]:
+    def applied(self, model: torch.nn.Module, force: bool = False) -> Iterator["Edit"]:
         """``with edit.applied(model): ...`` applies the edit for the block and reverts it after."""
-        self.apply(model)
+        self.apply(model, force=force)
         try:
             yield self
         finally:
             self.revert(model)
+
+    def _check_unchanged(self, model: torch.nn.Module) -> None:
+        """Refuse (:class:`EditError`) to revert if any parameter changed since this edit wrote it."""
+        params = dict(model.named_parameters())
+        changed = [name for name, written in self._written.items() if name not in params or not same_bits(params[name], written)]
+        if changed:
+            raise EditError(
+                f"{self.editor} edit cannot be reverted: {', '.join(changed)} changed since it was applied (by a later edit "
+                "or by hand); revert later edits first, in the reverse order of applying them. Nothing was restored"
+            )
 
     def _apply(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
@@ -272,7 +373,7 @@ class Edit:
         updates = {}
         for name, delta in self.deltas.items():
             param = params[name]
-            dense = delta.dense().to(device=param.device, dtype=torch.float32)
+            dense = delta.dense(param.device).to(torch.float32)
             if dense.shape != param.shape:
                 raise EditError(f"{self.editor} edit of {name}: delta shape {tuple(dense.shape)} != parameter shape {tuple(param.shape)}")
             if not torch.isfinite(dense).all():
@@ -284,13 +385,15 @@ class Edit:
                 param = params[name]
                 self._snapshots[name] = param.detach().clone()
                 param.copy_((param.float() + dense).to(param.dtype))
+                # What was written, kept whole: revert compares it bit for bit (a hash could miss).
+                self._written[name] = param.detach().clone()
 
     def _revert(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, original in self._snapshots.items():
                 params[name].copy_(original)
-        self._snapshots = {}
+        self._snapshots, self._written = {}, {}
 
     # -- save / load ---------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -312,7 +415,7 @@ class Edit:
         return cls(meta["editor"], deltas, meta.get("case_ids", ()), meta.get("config"), meta.get("info"))
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``edit.json`` (what, by whom, for which cases) and ``edit.safetensors``."""
+        """Write ``edit.json`` (what, by whom, for which cases and model) and ``edit.safetensors``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self._state_tensors()
@@ -323,6 +426,7 @@ class Edit:
             "case_ids": self.case_ids,
             "config": self.config,
             "info": self.info,
+            "model": self.made_for.to_dict() if self.made_for is not None else None,
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
         }
         save_file(tensors, str(directory / "edit.safetensors"))
@@ -355,7 +459,10 @@ class Edit:
         expected = meta.get("tensors")
         if expected is not None and set(expected) != set(tensors):
             raise EditError(f"{tensor_path}: tensors {sorted(tensors)} do not match edit.json {sorted(expected)}")
-        return _EDIT_KINDS[kind]._from_state(meta, tensors)
+        edit = _EDIT_KINDS[kind]._from_state(meta, tensors)
+        if meta.get("model") is not None:  # absent from edits saved before it was recorded
+            edit.made_for = ModelRecord.from_dict(meta["model"], str(meta_path))
+        return edit
 
     def __repr__(self) -> str:
         state = "applied" if self.is_applied else "not applied"

@@ -52,6 +52,10 @@ class FTConfig(EditorConfig):
             raise ValueError("layers must name at least one block")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        # A bound below zero makes the clamp's lower limit exceed its upper one (torch.clamp then
+        # returns the upper limit, a change of |bound| in every weight); zero allows no change.
+        if self.norm_constraint is not None and not self.norm_constraint > 0:
+            raise ValueError(f"norm_constraint is an L-infinity bound on each weight's change and must be positive (or None for no bound), got {self.norm_constraint}")
 
 
 @dataclass

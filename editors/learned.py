@@ -278,6 +278,25 @@ def save_network(network: nn.Module, directory: str | Path, editor: str, config:
     return directory
 
 
+def other_checkpoints(path: str | Path) -> list[Path]:
+    """The other Lightning checkpoints (``*.ckpt``) in ``path``'s folder, newest first: where a
+    run whose checkpoint is unreadable (say, killed while writing ``last.ckpt``) can go back to."""
+    path = Path(path)
+    found = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.name != path.name]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def unreadable_checkpoint(path: str | Path, err: BaseException, option: str) -> str:
+    """The message for a checkpoint that cannot be read: the file, the cause, and what to pass
+    to ``option`` instead."""
+    others = other_checkpoints(path)
+    if others:
+        advice = f"pass another with {option}, e.g. {option} {others[0]} (others in its folder, newest first: {', '.join(p.name for p in others)})"
+    else:
+        advice = f"no other checkpoint is in {Path(path).parent}; start afresh without {option}"
+    return f"{path}: cannot be read as a Lightning checkpoint ({type(err).__name__}: {err}); it may be truncated or corrupt. To go on, {advice}"
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
     """The network's tensors and metadata from any accepted checkpoint form, without unpickling."""
     path = Path(path).expanduser()
@@ -289,7 +308,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt files and pickled objects both land here
-            raise CheckpointError(f"{path}: cannot be read as a Lightning checkpoint with weights_only=True ({err})") from err
+            raise CheckpointError(unreadable_checkpoint(path, err, "--editor.checkpoint") + " (only weights_only=True checkpoints are read)") from err
         state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: field 'state_dict' is missing; not a Lightning checkpoint")

@@ -301,3 +301,23 @@ def test_bad_settings_are_refused(tokenizer, kwargs, match):
 def test_dataloader_before_setup(tokenizer):
     with pytest.raises(RuntimeError, match="setup"):
         EditDataModule("x.json", tokenizer=tokenizer).train_dataloader()
+
+
+def test_mquake_is_verified_by_its_git_blob_id():
+    entry = SOURCES["mquake"]
+    assert entry.git_blob == "b9d0963c6c1c81b24d8113ffdc3fd0865a423e18"
+    assert entry.url == "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json"
+
+
+def test_git_blob_id_is_gits_and_a_mismatch_leaves_no_file(tmp_path):
+    from datamodules.sources import git_blob_of
+
+    url, _ = _served(tmp_path, b"hello\n")
+    dest = tmp_path / "cache" / "file.json"
+    # `printf 'hello\n' | git hash-object --stdin`
+    assert download_file(url, dest, git_blob="ce013625030ba8dba906f756967f9e9ca394464a") == dest
+    assert git_blob_of(dest) == "ce013625030ba8dba906f756967f9e9ca394464a"
+    dest.unlink()
+    with pytest.raises(SourceError, match="git blob id"):
+        download_file(url, dest, git_blob="0" * 40)
+    assert list(dest.parent.iterdir()) == []

@@ -128,3 +128,82 @@ def test_request_validation_names_the_field():
 def test_request_dict_round_trip(request_factory):
     req = request_factory()
     assert EditRequest.from_dict(req.to_dict()) == req
+
+
+def _two_edits_of_one_weight(model):
+    name = _name(model)
+    param = dict(model.named_parameters())[name]
+    first = Edit("first", {name: ParamDelta(delta=torch.full_like(param, 0.5))})
+    second = Edit("second", {name: ParamDelta(left=torch.ones(param.shape[0], 1), right=torch.full((1, param.shape[1]), 0.25))})
+    return name, param, first, second
+
+
+def test_out_of_order_revert_is_refused_and_touches_nothing(tiny_model):
+    name, param, first, second = _two_edits_of_one_weight(tiny_model)
+    original = param.detach().clone()
+    first.apply(tiny_model)
+    second.apply(tiny_model)
+    both = param.detach().clone()
+    with pytest.raises(EditError, match=f"{name}.*revert later edits first"):
+        first.revert(tiny_model)
+    assert torch.equal(param, both) and first.is_applied and second.is_applied
+    second.revert(tiny_model)
+    first.revert(tiny_model)
+    assert torch.equal(param, original)
+
+
+def test_revert_refuses_when_weights_changed_by_hand(tiny_model):
+    name = _name(tiny_model)
+    params = dict(tiny_model.named_parameters())
+    other = next(n for n in params if n != name)
+    before = {n: params[n].detach().clone() for n in (name, other)}
+    # Two parameters: the check covers all of them before restoring any.
+    edit = Edit("test", {other: ParamDelta(delta=torch.ones_like(params[other])), name: ParamDelta(delta=torch.ones_like(params[name]))}).apply(tiny_model)
+    with torch.no_grad():
+        params[name].view(-1)[0] += 1.0
+    touched = {n: params[n].detach().clone() for n in (name, other)}
+    with pytest.raises(EditError, match=f"{name} changed since it was applied"):
+        edit.revert(tiny_model)
+    assert all(torch.equal(params[n], touched[n]) for n in touched)
+    edit.revert(tiny_model, force=True)  # the way out: discard the change by hand
+    assert all(torch.equal(params[n], before[n]) for n in before)
+
+
+def test_revert_sees_a_sign_flip_of_zero(tiny_model):
+    # torch.equal(0.0, -0.0) is true; the check compares bits.
+    name = _name(tiny_model)
+    param = dict(tiny_model.named_parameters())[name]
+    edit = Edit("test", {name: ParamDelta(delta=-param.detach().clone())}).apply(tiny_model)
+    with torch.no_grad():
+        param.view(-1)[0] = -0.0 if not torch.signbit(param.view(-1)[0]) else 0.0
+    with pytest.raises(EditError, match="changed since"):
+        edit.revert(tiny_model)
+
+
+def test_saved_edit_records_its_model_and_refuses_another(tmp_path, tokenizer):
+    from conftest import build_gpt2, build_llama
+
+    model = build_gpt2(len(tokenizer))
+    name = _name(model)
+    param = dict(model.named_parameters())[name]
+    Edit("test", {name: ParamDelta(delta=torch.ones_like(param))}).apply(model).save(tmp_path)
+    meta = json.loads((tmp_path / "edit.json").read_text())
+    assert meta["model"]["model_type"] == "gpt2" and meta["model"]["shapes"] == {name: list(param.shape)}
+
+    Edit.load(tmp_path).apply(build_gpt2(len(tokenizer)))  # a fresh copy of the same model
+    other_weights = build_gpt2(len(tokenizer), seed=1)
+    with pytest.raises(EditError, match="weights fingerprint.*force=True"):
+        Edit.load(tmp_path).apply(other_weights)
+    assert Edit.load(tmp_path).apply(other_weights, force=True).is_applied
+    with pytest.raises(EditError, match="architecture 'llama', the edit was made for 'gpt2'"):
+        Edit.load(tmp_path).apply(build_llama(len(tokenizer)))
+
+
+def test_edit_saved_without_a_model_record_still_loads(tmp_path, tiny_model):
+    name = _name(tiny_model)
+    Edit("test", {name: ParamDelta(delta=torch.zeros_like(dict(tiny_model.named_parameters())[name]))}).save(tmp_path)
+    meta = json.loads((tmp_path / "edit.json").read_text())
+    assert meta["model"] is None  # never applied: no model to record
+    del meta["model"]
+    (tmp_path / "edit.json").write_text(json.dumps(meta))
+    assert Edit.load(tmp_path).apply(tiny_model).made_for is not None

@@ -211,3 +211,33 @@ def test_ft_edits_only_the_configured_layers(tiny_model, tokenizer, single_token
 def test_unknown_editor_lists_available():
     with pytest.raises(KeyError, match="ft_m"):
         get_editor("nope")
+
+
+@pytest.mark.parametrize("name", ["ft_m", "rome", "memit"])
+def test_edits_of_one_weight_revert_only_in_reverse_order(name, tiny_model, tokenizer, request_factory, checkpoints):
+    from editors import EditError
+
+    first = _for(name, request_factory("a", target_new="Paris"))
+    second = _for(name, request_factory("b", target_new="Rome"))
+    original = _params(tiny_model)
+    edit_a = _apply(name, tiny_model, tokenizer, first, checkpoints)
+    edit_b = _apply(name, tiny_model, tokenizer, second, checkpoints)
+    assert set(edit_a.param_names) & set(edit_b.param_names), "test premise: both edits change the same weights"
+    both = _params(tiny_model)
+
+    with pytest.raises(EditError, match="revert later edits first"):
+        edit_a.revert(tiny_model)
+    assert all(torch.equal(p, both[n]) for n, p in tiny_model.named_parameters()), "a refused revert changed the model"
+    assert edit_a.is_applied and edit_b.is_applied
+
+    edit_b.revert(tiny_model)
+    edit_a.revert(tiny_model)
+    for n, p in tiny_model.named_parameters():
+        assert torch.equal(p, original[n]), f"{n} not restored bit-exactly"
+
+
+@pytest.mark.parametrize("name", ["ft_l", "ft_m"])
+@pytest.mark.parametrize("bound", [-1e-3, 0.0, float("nan")])
+def test_ft_refuses_a_norm_constraint_that_is_not_positive(name, bound):
+    with pytest.raises(ValueError, match="norm_constraint .* must be positive"):
+        get_editor(name).config_class(norm_constraint=bound)

@@ -362,3 +362,16 @@ def test_wrong_editor_checkpoint_is_refused(trained, tokenizer, tmp_path):
 
 def test_registered():
     assert get_editor("serac") is SERAC and SERAC.config_class is SERACConfig
+
+
+def test_saved_edit_refuses_another_architecture_even_when_forced(tokenizer, tmp_path):
+    gpt2, llama = build_gpt2(len(tokenizer)), build_llama(len(tokenizer))
+    edit = apply(gpt2, tokenizer, [make_request(target_new="Paris")])
+    assert edit.info["architecture"] == {"model_type": "gpt2", "hidden_size": 32, "vocab_size": len(tokenizer)}
+    edit.save(tmp_path / "edit")
+    edit.revert(gpt2)
+    with pytest.raises(EditError, match="architecture 'llama'"):
+        Edit.load(tmp_path / "edit").apply(llama)
+    with pytest.raises(EditError, match="SERAC edit was made for another architecture: this model has model_type 'llama'"):
+        Edit.load(tmp_path / "edit").apply(llama, force=True)
+    assert EditMemory.of(llama) is None

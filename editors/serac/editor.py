@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from editors.base import Edit, EditError, Editor, EditRequest, register_editor
-from editors.learned import LearnedEditorMixin, edited_modules
+from editors.learned import LearnedEditorMixin, edited_modules, model_signature
 from editors.lm import encode_pair
 from editors.targets import get_targets
 
@@ -32,12 +32,23 @@ def separator_ids(tokenizer: Any, separator: str) -> list[int]:
     return list(tokenizer(separator, add_special_tokens=False)["input_ids"]) if separator else []
 
 
+# What a SERAC edit is bound to: its token ids index the vocabulary, and its memory's keys are
+# features of the model's hidden states.
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "vocab_size")
+
+
+def architecture_of(model: nn.Module) -> dict[str, Any]:
+    signature = model_signature(model, [])
+    return {key: signature[key] for key in ARCHITECTURE_KEYS}
+
+
 class SERACEdit(Edit):
     """Edits held in a model's SERAC memory: applying stores them, reverting removes exactly them.
 
     ``param_names`` is empty: no weight changes. The saved state is each edit's token ids
     (``text.<i>``, prompt + new target), the number of target tokens of each and the separator's
-    ids, plus the editor's settings in ``edit.json``.
+    ids, plus the editor's settings and the model's architecture (``info["architecture"]``) in
+    ``edit.json``.
     """
 
     kind = "serac_memory"
@@ -66,6 +77,7 @@ class SERACEdit(Edit):
         return sum(t.numel() for t in self.texts) + len(self.target_lengths) + self.separator.numel()
 
     def _apply(self, model: nn.Module) -> None:
+        self._check_architecture(model)
         key = json.dumps(self.config, sort_keys=True, default=str)
         memory = EditMemory.of(model)
         if memory is not None and memory.key != key:
@@ -88,6 +100,21 @@ class SERACEdit(Edit):
             memory.remove(owner)  # closes a memory this call created
             raise
         self._owner = owner
+
+    def _check_architecture(self, model: nn.Module) -> None:
+        """Refuse a model of another architecture, even when forced: the stored token ids would be
+        read in another vocabulary. (Edits saved before ``info["architecture"]`` was recorded are
+        not checked.)"""
+        made_for = self.info.get("architecture")
+        if not isinstance(made_for, dict):
+            return
+        here = architecture_of(model)
+        differ = [f"{key} {here[key]!r} (the edit was made for {made_for[key]!r})" for key in ARCHITECTURE_KEYS if key in made_for and made_for[key] != here[key]]
+        if differ:
+            raise EditError(
+                f"SERAC edit was made for another architecture: this model has {', '.join(differ)}; its token ids and "
+                "memory keys belong to that model, so make the edit again on this one"
+            )
 
     def _revert(self, model: nn.Module) -> None:
         memory = EditMemory.of(model)
@@ -150,7 +177,7 @@ class SERAC(LearnedEditorMixin, Editor):
             torch.tensor(separator_ids(tokenizer, config.separator), dtype=torch.long),
             [r.case_id for r in requests],
             settings,
-            {"tokens": sum(len(p) + len(t) for p, t in encoded)},
+            {"tokens": sum(len(p) + len(t) for p, t in encoded), "architecture": architecture_of(model)},
             network=(id(model), network),
         )
         return edit.apply(model)

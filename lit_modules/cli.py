@@ -1,0 +1,75 @@
+"""The ``train.py`` command line: Lightning's CLI with two changes to where files go and come from.
+
+* The resolved config is written into the logger's folder, as Lightning does, but not into the
+  working directory when there is no logger (``trainer.logger: false``): Lightning then falls
+  back to ``trainer.default_root_dir``, which is the working directory unless it is set, and a
+  stray ``config.yaml`` lands wherever the command was started. With no logger it is written
+  only where ``trainer.default_root_dir`` says.
+* A checkpoint that cannot be read (``--ckpt_path last`` after a run was killed while writing
+  ``last.ckpt``) stops with its path and the other checkpoints of its folder to resume from,
+  instead of the bare error of ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from editors.learned import CheckpointError, unreadable_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class SaveConfigBesideLogs(SaveConfigCallback):
+    """Lightning's config writer, minus its fallback to the working directory without a logger."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        trainer_config = self.config.get("trainer") or {}
+        if not trainer.loggers and not trainer_config.get("default_root_dir"):
+            if trainer.is_global_zero and not self.already_saved:
+                logger.info("no logger and no trainer.default_root_dir: the resolved config is not written")
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+class NamedCheckpointIO(TorchCheckpointIO):
+    """Loads checkpoints as Lightning does; an unreadable one is a :class:`CheckpointError` that
+    names the file and the checkpoints beside it (``--ckpt_path`` takes any of them)."""
+
+    def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch.load's errors for truncated files vary: OSError, RuntimeError, EOFError...
+            raise CheckpointError(unreadable_checkpoint(path, err, "--ckpt_path")) from err
+
+
+class EditorCLI(LightningCLI):
+    """``LightningCLI`` writing its config with :class:`SaveConfigBesideLogs` and reading
+    checkpoints with :class:`NamedCheckpointIO` (unless the config names another plugin)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", SaveConfigBesideLogs)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit --ckpt_path file here (for its hyperparameters), before the
+        # trainer exists; "last" is resolved and read later, by the checkpoint IO.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # argument errors are SystemExit and pass through
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise CheckpointError(unreadable_checkpoint(path, err, "--ckpt_path")) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
+            trainer.strategy.checkpoint_io = NamedCheckpointIO()
+        return trainer
