@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from editors import available_editors, get_editor
 
 from .general import GeneralConfig
-from .runner import DEFAULT_CHECKPOINTS, MODES, EditRun
+from .runner import DEFAULT_CHECKPOINTS, MODES, EditorSetupError, EditRun
 from .scoring import EvalConfig
 
 logger = logging.getLogger("edit")
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from datamodules import RecordError, load_requests, validate_records
+    from datamodules import RecordError, SourceError, load_requests, validate_records
     from evaluation.models import ModelLoadError, load_model
     from evaluation.report import summary_table
 
@@ -173,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 logger.warning("skipped: %s", message)
         else:
             requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit)
-    except (RecordError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"edit.py: error: {err}")
+    except (RecordError, SourceError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"edit.py: error: --data: {err}")
     if not requests:
         raise SystemExit(f"edit.py: error: {cfg.data} holds no valid records")
     from .distributed import init_from_environment
@@ -188,6 +188,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
     except ModelLoadError as err:
         raise SystemExit(f"edit.py: error: {err}")
+    from .preflight import PreflightError, check_targets, requests_that_fit
+
+    try:
+        check_targets(model, editor_config)
+    except PreflightError as err:
+        raise SystemExit(f"edit.py: error: --editor {cfg.editor.name} on --model {cfg.model}: {err}")
+    requests, unfit = requests_that_fit(model, tokenizer, requests, eval_config, cfg.data)
+    if unfit and not cfg.skip_invalid:
+        more = f" ({len(unfit)} records in all)" if len(unfit) > 1 else ""
+        raise SystemExit(f"edit.py: error: {unfit[0]}{more}; shorten the record or pass --skip_invalid to leave such records out")
+    for err in unfit:
+        logger.warning("skipped: %s", err)
+        skipped.append(str(err))
+    if not requests:
+        raise SystemExit(f"edit.py: error: no record of {cfg.data} fits the model's context")
 
     try:
         run = EditRun(
@@ -208,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     except ValueError as err:
         raise SystemExit(f"edit.py: error: {err}")
-    summary = run.run()
+    try:
+        summary = run.run()
+    except EditorSetupError as err:
+        raise SystemExit(f"edit.py: error: --editor.*: {err}")
     if not shard.is_main:
         return summary
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"
