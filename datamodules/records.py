@@ -118,6 +118,8 @@ class RecordError(ValueError):
             where.append(record)
         elif self.line is not None:
             where.append(f"line {self.line}" + (f" column {self.column}" if self.column is not None else ""))
+        elif self.case_id is not None:  # a record found by its case id (checks made after loading)
+            where.append(f"case_id {self.case_id}")
         if self.field is not None:
             where.append(f"field {self.field!r}")
         return ": ".join(where + [self.reason])

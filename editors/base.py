@@ -525,6 +525,11 @@ class Editor(ABC):
         sequential run resumes by re-applying saved edits) and timed apart from the edits.
         """
 
+    def check(self, model: torch.nn.Module, config: EditorConfig) -> None:
+        """Cheap checks that ``config`` fits ``model`` (modules the targets table can locate, layers
+        in range), raising ``ValueError`` or ``KeyError`` with what to change. ``edit.py`` calls it
+        once the model is loaded, before any case is scored or any result is written or discarded."""
+
     def check_requests(self, requests: Sequence[EditRequest]) -> None:
         if not requests:
             raise ValueError(f"{self.name}: no edit requests given")

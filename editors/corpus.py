@@ -69,7 +69,9 @@ def cache_root() -> Path:
 # -- sampling from the model -------------------------------------------------------------------
 
 
-def _max_positions(model: torch.nn.Module) -> int | None:
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover (``None`` when its config
+    does not say): longer inputs fail deep inside the model with an indexing error."""
     config = getattr(model, "config", None)
     for attribute in ("max_position_embeddings", "n_positions"):
         value = getattr(config, attribute, None)
@@ -100,7 +102,7 @@ def model_samples(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start unconditional samples from")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and length + 1 > limit:
         raise ValueError(f"samples of {length} tokens after the start token exceed the model's {limit} positions")
     device = model_device(model)

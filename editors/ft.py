@@ -23,7 +23,7 @@ import torch
 
 from .base import Edit, Editor, EditorConfig, EditRequest, register_editor, snapshot_deltas
 from .lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
-from .targets import get_parameter_name, get_targets
+from .targets import get_parameter_name, get_targets, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,25 @@ class FTMConfig(FTConfig):
 class FineTune(Editor):
     """Shared implementation; FT-L and FT-M differ only in their config defaults."""
 
+    def check(self, model, config: FTConfig) -> None:
+        """Resolving the tuned parameters refuses an unknown architecture or a layer out of range."""
+        self._parameter_names(model, config)
+
+    def prepare(self, model, tokenizer, config: FTConfig) -> None:
+        """Nothing to precompute; the checks of :meth:`check` (for callers other than edit.py)."""
+        self.check(model, config)
+
+    @staticmethod
+    def _parameter_names(model, config: FTConfig) -> list[str]:
+        """The parameters tuned: ``config.module`` of each of ``config.layers`` (negative
+        layers count from the last block, as for the other editors)."""
+        targets = get_targets(model, config.targets)
+        layers = [resolve_layer(model, targets, layer, "layers entry") for layer in config.layers]
+        return [get_parameter_name(model, targets.layer(config.module, layer)) for layer in dict.fromkeys(layers)]
+
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> Edit:
         self.check_requests(requests)
-        targets = get_targets(model, config.targets)
-        names = [get_parameter_name(model, targets.layer(config.module, layer)) for layer in config.layers]
+        names = self._parameter_names(model, config)
         params = dict(model.named_parameters())
         originals = {n: params[n].detach().clone() for n in names}
         batch = self._batch(model, tokenizer, requests, config)

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .corpus import cache_root, open_corpus
+from .corpus import cache_root, max_positions, open_corpus
 from .hooks import StopForward, trace
 from .lm import model_device
 from .targets import get_module
@@ -164,6 +164,7 @@ def second_moments(
     names = list(dict.fromkeys(module_names))
     if not names:
         raise ValueError("no module names given")
+    max_length = fit_length(model, max_length)
     device = model_device(model)
     totals: dict[str, torch.Tensor] = {}
     count = 0
@@ -273,6 +274,18 @@ def cached_second_moment(
     return stats
 
 
+def fit_length(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length`` clamped to what the model can read: a sample from the model is its start
+    token plus ``max_length`` tokens, so at most the model's positions minus one. A longer
+    setting (e.g. ROME's default 128 on a model of 128 positions) would stop the edit: sampling
+    refuses it, and a corpus file's longer texts fail inside the model's position embeddings."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit - 1:
+        logger.warning("statistics texts of %d tokens do not fit the model's %d positions; using %d tokens", max_length, limit, limit - 1)
+        return limit - 1
+    return max_length
+
+
 def layer_statistics(
     model: torch.nn.Module,
     tokenizer,
@@ -297,6 +310,7 @@ def layer_statistics(
     the sampled corpus change with each edit).
     """
     names = list(dict.fromkeys(module_names))
+    max_length = fit_length(model, max_length)
     model_id = model_id or model_fingerprint(model)
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
     source = open_corpus(corpus, model, tokenizer, n_texts, length=max_length, model_id=model_id, progress=progress)

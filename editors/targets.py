@@ -179,7 +179,7 @@ def resolve_layer(model: nn.Module, targets: ModelTargets, layer: int, what: str
     depth = num_layers(model, targets)
     index = layer + depth if layer < 0 else layer
     if not 0 <= index < depth:
-        raise ValueError(f"{what} {layer} is out of range for a model with {depth} blocks")
+        raise ValueError(f"{what} {layer} is out of range for a model with {depth} blocks: use 0 to {depth - 1}, or -1 to -{depth} counted from the last")
     return index
 
 

@@ -26,7 +26,7 @@ from editors import available_editors, get_editor
 from .distributed import Shard, init_from_environment
 from .general import GeneralConfig
 from .run_dir import RunDir, RunDirError
-from .runner import DEFAULT_CHECKPOINTS, MODES, EditRun
+from .runner import DEFAULT_CHECKPOINTS, MODES, EditorSetupError, EditRun
 from .scoring import EvalConfig
 
 logger = logging.getLogger("edit")
@@ -174,7 +174,7 @@ def claimed(run_dir: RunDir, shard: Shard) -> Iterator[None]:
 
 def _load_data(cfg: Namespace) -> tuple[list[Any], list[str]]:
     """The edit requests, and the records skipped as invalid (with --skip_invalid)."""
-    from datamodules import RecordError, load_requests, validate_records
+    from datamodules import RecordError, SourceError, load_requests, validate_records
 
     skipped: list[str] = []
     try:
@@ -185,10 +185,36 @@ def _load_data(cfg: Namespace) -> tuple[list[Any], list[str]]:
                 logger.warning("skipped: %s", message)
         else:
             requests = load_requests(cfg.data, format=cfg.format, limit=cfg.limit)
-    except (RecordError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"edit.py: error: {err}")
+    except (RecordError, SourceError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"edit.py: error: --data: {err}")
     if not requests:
         raise SystemExit(f"edit.py: error: {cfg.data} holds no valid records")
+    return requests, skipped
+
+
+def _fit_to_model(cfg: Namespace, model, tokenizer, editor, editor_config, eval_config: EvalConfig, requests: list[Any], skipped: list[str]) -> tuple[list[Any], list[str]]:
+    """Refuse, before anything is scored or written, what cannot work on this model: an
+    architecture the editor cannot locate, settings out of range (:meth:`Editor.check`), records
+    longer than the model's context (left out with --skip_invalid)."""
+    from .preflight import PreflightError, check_targets, requests_that_fit
+
+    try:
+        check_targets(model, editor_config)
+        editor.check(model, editor_config)
+    except PreflightError as err:
+        raise SystemExit(f"edit.py: error: --editor {cfg.editor.name} on --model {cfg.model}: {err}")
+    except (KeyError, ValueError) as err:
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        raise SystemExit(f"edit.py: error: --editor.*: {cfg.editor.name} cannot edit --model {cfg.model} as configured: {reason}")
+    requests, unfit = requests_that_fit(model, tokenizer, requests, eval_config, cfg.data)
+    if unfit and not cfg.skip_invalid:
+        more = f" ({len(unfit)} records in all)" if len(unfit) > 1 else ""
+        raise SystemExit(f"edit.py: error: {unfit[0]}{more}; shorten the record or pass --skip_invalid to leave such records out")
+    for err in unfit:
+        logger.warning("skipped: %s", err)
+    skipped = skipped + [str(err) for err in unfit]
+    if not requests:
+        raise SystemExit(f"edit.py: error: no record of {cfg.data} fits the model's context")
     return requests, skipped
 
 
@@ -228,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
         except ModelLoadError as err:
             raise SystemExit(f"edit.py: error: {err}")
+        requests, skipped = _fit_to_model(cfg, model, tokenizer, editor_cls(), editor_config, eval_config, requests, skipped)
         try:
             run = EditRun(
                 model,
@@ -250,7 +277,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if shard.is_main:
             prepare_out(parser, cfg, run_dir)
         shard.barrier()
-        summary = run.run()
+        try:
+            summary = run.run()
+        except EditorSetupError as err:
+            raise SystemExit(f"edit.py: error: --editor.*: {err}")
     if not shard.is_main:
         return summary
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"

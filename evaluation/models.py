@@ -41,7 +41,11 @@ BUNDLED = {
 
 
 class ModelLoadError(RuntimeError):
-    pass
+    """The model cannot be loaded as asked; the message names the option or file to fix."""
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_dir() -> Path:
@@ -113,10 +117,31 @@ def resolve(name_or_path: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: GGUF file not found")
-        return str(_dequantized_cache(path.resolve(), path.stem.lower()))
+        with open(path, "rb") as handle:
+            if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise ModelLoadError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); download it again or pass another --model")
+        try:
+            return str(_dequantized_cache(path.resolve(), path.stem.lower()))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged or unsupported GGUF file
+            raise ModelLoadError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err}); download it again or pass another --model") from err
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: a local model folder needs config.json (a transformers save_pretrained folder)")
+    if path.is_dir():
+        _check_safetensors(path)
     return str(path) if path.exists() else name_or_path
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Read the header of every safetensors file of a local model folder, so that a truncated
+    or damaged file is named; transformers' own error does not say which file it read."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{path}: damaged or not a safetensors file ({err}); save or download the model again") from err
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
@@ -133,9 +158,21 @@ def _tokenizer_from(source: str, trust_remote_code: bool):
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The device named by ``device`` (``auto``: a GPU when there is one), checked to exist here,
+    before the weights are loaded, rather than failing inside ``model.to``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"--device {device!r} is not a device name ({err}); use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"--device {device}: this PyTorch sees no CUDA device (torch.cuda.is_available() is False); use --device cpu or auto")
+        if chosen.index is not None and chosen.index >= count:
+            raise ModelLoadError(f"--device {device}: there are only {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return chosen
 
 
 def load_model(
@@ -152,6 +189,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is not a supported dtype; use one of {', '.join(DTYPES)}")
+    target = pick_device(device) if device_map is None else None  # checked before the slow load
     source = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -164,8 +204,8 @@ def load_model(
             f"cannot load model {name_or_path!r}: {err}. Pass a hub id (needs internet), a local "
             f"save_pretrained folder, a .gguf file, or one of the bundled names: {', '.join(BUNDLED)}"
         ) from err
-    if device_map is None:
-        model.to(pick_device(device))
+    if target is not None:
+        model.to(target)
     model.eval()
     model.requires_grad_(False)
     tokenizer = _tokenizer_from(source, trust_remote_code)

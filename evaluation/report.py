@@ -29,6 +29,10 @@ ROWS = (
 )
 
 
+FAILED_IDS_SHOWN = 10
+"""Failed case ids listed under the table; the rest are in summary.json."""
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -64,4 +68,9 @@ def summary_table(summary: dict[str, Any], title: str = "") -> str:
     if "peak_memory_mb" in metrics:
         lines.append(f"{'peak memory MB':<{width}}{'efficiency':<13}{'':>8}{metrics['peak_memory_mb']:>8.0f}   process peak while editing")
     lines.append(f"{summary['cases']} cases, mode {summary['mode']}, editor {summary['editor']}")
+    failed = summary.get("failed_cases", 0)
+    if failed:
+        ids = summary.get("failed_case_ids", [])
+        shown = ", ".join(str(i) for i in ids[:FAILED_IDS_SHOWN]) + (", ..." if len(ids) > FAILED_IDS_SHOWN else "")
+        lines.append(f"{failed} of them FAILED and are left out of the scores above (case ids: {shown}); the errors are in cases.jsonl")
     return "\n".join(lines)

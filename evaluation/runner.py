@@ -22,6 +22,14 @@ raw measurements before and after editing; ``summary.json`` is recomputed from t
 run that is stopped and started again with the same command continues where it stopped and ends
 with the same summary. The folder's layout and its file handling belong to
 :class:`evaluation.run_dir.RunDir`; this module only runs the loop.
+
+A case that raises while it is measured before editing (``pre``), edited (``edit``) or measured
+after (``post``) does not stop the run: its line in ``cases.jsonl`` holds ``failed`` (the stage,
+the error's type and message) instead of measurements, the summary counts it as failed and
+scores the other cases, and the run goes on with the next case (in single and batch modes with
+the model reverted; in sequential mode without that edit, the others staying). A recorded
+failure is finished work: a resumed run does not try it again, ``--overwrite`` or another
+``--out`` does. Out-of-memory errors and interrupts are not case failures and stop the run.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from editors.base import Edit, Editor, EditorConfig, EditRequest
@@ -50,6 +59,14 @@ logger = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+FATAL_ERRORS: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError)
+"""Errors that stop the run rather than fail one case: they say the machine, not the case, is at
+fault, and a rerun with more memory (or a smaller batch) would succeed."""
+
+
+class EditorSetupError(RuntimeError):
+    """The editor's settings do not fit the model (an architecture missing from the targets
+    table, a layer out of range): found by :meth:`Editor.prepare` before any case is scored."""
 
 
 def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequest]]:
@@ -90,6 +107,49 @@ def _record(request: EditRequest, pre: dict, post: dict, **extra: Any) -> dict[s
         "pre": {"scores": case_scores(pre), "raw": pre},
         "post": {"scores": case_scores(post, reference=pre), "raw": post},
     }
+
+
+def _failure(request: EditRequest, stage: str, error_type: str, message: str) -> dict[str, Any]:
+    """The line of a case that failed at ``stage``: enough to find the case and the cause, and
+    no measurements, so that every summary of the run skips it."""
+    logger.warning("case %s failed at %s: %s: %s", request.case_id, stage, error_type, message)
+    return {
+        "case_id": request.case_id,
+        "prompt": request.prompt,
+        "target_new": request.target_new,
+        "target_true": request.target_true,
+        "failed": {"stage": stage, "error": error_type, "message": message},
+    }
+
+
+def _error_failure(request: EditRequest, stage: str, error: Exception) -> dict[str, Any]:
+    return _failure(request, stage, type(error).__name__, str(error))
+
+
+def is_failed(record: dict[str, Any]) -> bool:
+    """Whether a line of ``cases.jsonl`` is a failed case (no measurements)."""
+    return "failed" in record
+
+
+def _fail_groups(requests: list[EditRequest], failed: dict[str, dict[str, Any]]) -> list[EditRequest]:
+    """The requests still to edit once those in ``failed`` (case id -> line) are left out.
+
+    The rewrites of a group are one multi-hop case, edited whole or not at all: a group with a
+    failed rewrite fails as a whole, and its other rewrites get lines in ``failed`` naming it.
+    """
+    broken = {r.group: r.case_id for r in requests if r.case_id in failed and r.group is not None}
+    ready = []
+    for request in requests:
+        if request.case_id in failed:
+            continue
+        if request.group in broken:
+            cause = failed[broken[request.group]]["failed"]
+            failed[request.case_id] = _failure(
+                request, cause["stage"], cause["error"], f"case {broken[request.group]} of its group {request.group!r} failed: {cause['message']}"
+            )
+        else:
+            ready.append(request)
+    return ready
 
 
 class EditRun:
@@ -159,7 +219,11 @@ class EditRun:
                 # One-time work on the unedited model (key statistics, sampled prefixes), before
                 # a resumed sequential run re-applies its saved edits; timed on its own.
                 with measure(self.device) as cost:
-                    self.editor.prepare(self.model, self.tokenizer, self.editor_config)
+                    try:
+                        self.editor.prepare(self.model, self.tokenizer, self.editor_config)
+                    except (KeyError, ValueError) as error:
+                        reason = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) adds quotes
+                        raise EditorSetupError(f"{self.editor.name} cannot edit this model as configured: {reason}") from error
                 self.info["prepare_seconds"] = round(cost.seconds, 3)
                 getattr(self, f"_run_{self.mode}")(todo, writer)
         finally:
@@ -209,21 +273,52 @@ class EditRun:
                 units = units[self.shard.rank :: self.shard.world]
                 bar.total = sum(len(u) for u in units)
             for batch in units:
-                pre = [measure_case(self.model, self.tokenizer, r, self.eval) for r in batch]
-                edits, seconds, memory = self._edit(batch)
-                try:
-                    post = [measure_case(self.model, self.tokenizer, r, self.eval) for r in batch]
-                    records = [_record(r, a, b, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(batch)) for r, a, b in zip(batch, pre, post)]
-                    # The general suite runs once, on the model carrying the first call's edits.
-                    if self.general is not None and len(recorded) == 1:
-                        self._write_checkpoint(len(batch), records, {"edit_seconds": seconds * len(batch)})
-                        recorded.add(len(batch))
-                finally:
-                    for edit in reversed(edits):
-                        edit.revert(self.model)
-                for record in records:
-                    writer.write(record)
+                lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
+                pre = {}
+                for request in batch:
+                    try:
+                        pre[request.case_id] = measure_case(self.model, self.tokenizer, request, self.eval)
+                    except FATAL_ERRORS:
+                        raise
+                    except Exception as error:
+                        lines[request.case_id] = _error_failure(request, "pre", error)
+                ready = _fail_groups(batch, lines)
+                if ready:
+                    self._edit_and_score(ready, pre, lines, recorded)
+                for request in batch:
+                    writer.write(lines[request.case_id])
                 bar.update(len(batch))
+
+    def _edit_and_score(self, ready: list[EditRequest], pre: dict[str, Any], lines: dict[str, dict[str, Any]], recorded: set[int]) -> None:
+        """Edit ``ready`` in one unit, score each request after editing, and revert, whatever
+        fails; every request gets its line in ``lines``."""
+        try:
+            edits, seconds, memory = self._edit(ready)
+        except FATAL_ERRORS:
+            raise
+        except Exception as error:  # _edit has reverted whatever it applied
+            for request in ready:
+                lines[request.case_id] = _error_failure(request, "edit", error)
+            return
+        try:
+            scored = []
+            for request in ready:
+                try:
+                    post = measure_case(self.model, self.tokenizer, request, self.eval)
+                except FATAL_ERRORS:
+                    raise
+                except Exception as error:
+                    lines[request.case_id] = _error_failure(request, "post", error)
+                    continue
+                lines[request.case_id] = _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
+                scored.append(lines[request.case_id])
+            # The general suite runs once, on the model carrying the first call's edits.
+            if self.general is not None and len(recorded) == 1:
+                self._write_checkpoint(len(ready), scored, {"edit_seconds": seconds * len(ready)})
+                recorded.add(len(ready))
+        finally:
+            for edit in reversed(edits):
+                edit.revert(self.model)
 
     def _run_sequential(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
         # 1. Unedited measurements of every case (needed as the locality reference).
@@ -234,15 +329,25 @@ class EditRun:
         if saved and any(r.case_id not in pre for r in todo):
             raise RuntimeError(f"{self.out}: saved edits exist but unedited measurements are incomplete; start a fresh --out")
         pre_writer = JsonlWriter(pre_path)
+        failed: dict[str, dict[str, Any]] = {}  # case id -> its line, for cases that cannot be edited
         try:
             with self._bar(len(todo), "pre-edit scores") as bar:
                 for request in todo:
                     if request.case_id not in pre:
-                        pre[request.case_id] = measure_case(self.model, self.tokenizer, request, self.eval)
-                        pre_writer.write({"case_id": request.case_id, "raw": pre[request.case_id]})
+                        try:
+                            pre[request.case_id] = measure_case(self.model, self.tokenizer, request, self.eval)
+                        except FATAL_ERRORS:
+                            raise
+                        except Exception as error:
+                            failed[request.case_id] = _error_failure(request, "pre", error)
+                        else:
+                            pre_writer.write({"case_id": request.case_id, "raw": pre[request.case_id]})
                     bar.update()
         finally:
             pre_writer.close()
+        todo = _fail_groups(todo, failed)
+        for line in failed.values():
+            writer.write(line)
         self._pre = pre
         recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
         if self.general is not None and 0 not in recorded:
@@ -270,7 +375,16 @@ class EditRun:
             pending = [r for r in todo if r.case_id not in made]
             with self._bar(len(pending), f"{self.editor.name} (sequential)") as bar:
                 for unit in edit_units(pending, self.edits_per_call):
-                    edits, seconds, memory = self._edit(unit)
+                    try:
+                        edits, seconds, memory = self._edit(unit)
+                    except FATAL_ERRORS:
+                        raise
+                    except Exception as error:  # _edit has reverted this unit; earlier edits stay
+                        for r in unit:
+                            failed[r.case_id] = _error_failure(r, "edit", error)
+                            writer.write(failed[r.case_id])
+                        bar.update(len(unit))
+                        continue
                     for r in unit:
                         costs[r.case_id] = (seconds, memory)
                     for edit in edits:
@@ -281,20 +395,25 @@ class EditRun:
                     self._advance(edited, unit, recorded, costs, final)
             edited.sort(key=lambda r: order[r.case_id])
             # 3. Score every case on the model carrying all edits (retention), then the last checkpoint.
-            records = []
-            with self._bar(len(todo), "post-edit scores") as bar:
-                for index, request in enumerate(todo):
-                    post = measure_case(self.model, self.tokenizer, request, self.eval)
-                    seconds, memory = costs.get(request.case_id, (None, None))
-                    record = _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=final, edit_index=order[request.case_id])
-                    writer.write(record)
-                    records.append(record)
+            # Failed edits are not applied, so the model carries len(edited) edits.
+            scoring = [r for r in todo if r.case_id not in failed]
+            with self._bar(len(scoring), "post-edit scores") as bar:
+                for request in scoring:
+                    try:
+                        post = measure_case(self.model, self.tokenizer, request, self.eval)
+                    except FATAL_ERRORS:
+                        raise
+                    except Exception as error:
+                        writer.write(_error_failure(request, "post", error))
+                    else:
+                        seconds, memory = costs.get(request.case_id, (None, None))
+                        writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=len(edited), edit_index=order[request.case_id]))
                     bar.update()
-            if final not in recorded:
+            if edited and len(edited) not in recorded:
                 wanted = {r.case_id for r in self.requests}
                 finished = [r for r in read_jsonl(self.cases_path) if r["case_id"] in wanted]
-                self._write_checkpoint(final, finished, {"edit_seconds": sum(c[0] for c in costs.values() if c[0] is not None)})
-                recorded.add(final)
+                self._write_checkpoint(len(edited), finished, {"edit_seconds": sum(c[0] for c in costs.values() if c[0] is not None)})
+                recorded.add(len(edited))
         finally:
             for edit in reversed(applied):
                 edit.revert(self.model)
@@ -310,8 +429,14 @@ class EditRun:
         records = []
         with self._bar(now, f"retention at {now} edits") as bar:
             for request in edited:
-                post = measure_case(self.model, self.tokenizer, request, self.eval)
-                records.append(_record(request, self._pre[request.case_id], post))
+                try:
+                    post = measure_case(self.model, self.tokenizer, request, self.eval)
+                except FATAL_ERRORS:
+                    raise
+                except Exception as error:  # the final scoring records the case's failure
+                    logger.warning("retention at %d edits leaves out case %s: %s: %s", now, request.case_id, type(error).__name__, error)
+                else:
+                    records.append(_record(request, self._pre[request.case_id], post))
                 bar.update()
         self._write_checkpoint(now, records, {"edit_seconds": sum(costs[r.case_id][0] for r in edited if r.case_id in costs)})
         recorded.add(now)
@@ -386,8 +511,10 @@ class EditRun:
         records = read_jsonl(self.cases_path)
         wanted = {r.case_id for r in self.requests}
         records = [r for r in records if r["case_id"] in wanted]
+        failed = [r for r in records if is_failed(r)]
+        scored = [r for r in records if not is_failed(r)]
         metrics = RunMetrics()
-        for record in records[self.shard.rank :: self.shard.world]:
+        for record in scored[self.shard.rank :: self.shard.world]:
             metrics.update(record)
         flat = metrics.summary()  # reduced over all processes of a sharded run
         summary = {
@@ -395,6 +522,8 @@ class EditRun:
             "mode": self.mode,
             "edits_per_call": self.edits_per_call,
             "cases": len(records),
+            "failed_cases": len(failed),  # the metrics are over the other cases
+            "failed_case_ids": [r["case_id"] for r in failed],
             "wall_seconds_this_invocation": wall_seconds,
             "metrics": flat,
             "protocols": protocols_of(flat),
@@ -407,7 +536,7 @@ class EditRun:
         if read_jsonl(self.checkpoints_path):
             summary.update(self._checkpoint_outputs(summary))
         self.dir.write_summary(summary)
-        self._tensorboard(records, flat)
+        self._tensorboard(scored, flat)
         return summary
 
     def _checkpoint_outputs(self, summary: dict[str, Any]) -> dict[str, Any]:

@@ -391,6 +391,10 @@ class RunMetrics:
         return metrics[name]
 
     def update(self, record: dict[str, Any]) -> None:
+        """Add a case's line of ``cases.jsonl``; a failed case's line (``failed``, no
+        measurements) is skipped, so the metrics are over the cases that were scored."""
+        if "failed" in record:
+            return
         self.cases += 1
         pre_raw = record["pre"]["raw"]
         for stage in ("pre", "post"):

@@ -1,0 +1,222 @@
+"""A case that fails is recorded and the run goes on: over-long prompts, refused edits, errors
+after editing; the model is left as found; a resumed run does not retry the failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import evaluation.runner as runner
+from editors import get_editor
+from editors.base import Edit, ParamDelta
+from evaluation.cli import main
+from evaluation.report import summary_table
+from evaluation.runner import EditRun, read_jsonl
+from evaluation.scoring import EvalConfig, RunMetrics
+
+FT = dict(layers=[1], lr=1e-2, steps=3)
+EVAL = EvalConfig(batch_size=8, fluency=False, generation_max_new_tokens=2)
+LONG_PROMPT = "Xq zv " * 80 + "The capital of France is"  # ~480 tokens: more than the 128 positions of the tiny GPT-2
+
+
+def _requests(factory, middle_prompt=None):
+    cases = [("Danielle Darrieux", "The mother tongue of Danielle Darrieux is"), ("France", middle_prompt or "The capital of France is"), ("Angola", "Angola is located in")]
+    return [factory(str(i), prompt=p, subject=s, target_new=t) for i, ((s, p), t) in enumerate(zip(cases, ["Paris", "Rome", "French"]))]
+
+
+class _Wrapped:
+    """An editor that behaves like ``inner`` except for what ``on_apply`` does first; counts calls."""
+
+    def __init__(self, inner, on_apply=None) -> None:
+        self.inner, self.on_apply, self.calls = inner, on_apply, 0
+        self.name, self.config_class, self.supports_batch = inner.name, inner.config_class, inner.supports_batch
+
+    def prepare(self, *args):
+        self.inner.prepare(*args)
+
+    def apply(self, model, tokenizer, requests, config):
+        self.calls += 1
+        if self.on_apply is not None:
+            edit = self.on_apply(model, requests)
+            if edit is not None:
+                return edit
+        return self.inner.apply(model, tokenizer, requests, config)
+
+
+def _run(model, tokenizer, requests, out, mode="single", per_call=1, editor=None):
+    editor = editor or _Wrapped(get_editor("ft_m")())
+    return EditRun(model, tokenizer, editor, editor.config_class(**FT), requests, out, mode, per_call, EVAL, progress=False).run()
+
+
+def _gpt2(tokenizer):
+    from conftest import build_gpt2
+
+    return build_gpt2(len(tokenizer))  # n_positions=128
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _quality(metrics):
+    return {k: v for k, v in metrics.items() if "seconds" not in k and "memory" not in k}
+
+
+def _scores(records):
+    return [{k: r[k] for k in ("case_id", "pre", "post")} for r in records]
+
+
+@pytest.mark.parametrize("mode,per_call", [("single", 1), ("batch", 2), ("sequential", 1)])
+def test_overlong_prompt_is_recorded_as_failed_and_the_run_goes_on(mode, per_call, tokenizer, request_factory, tmp_path):
+    model = _gpt2(tokenizer)
+    before = _params(model)
+    summary = _run(model, tokenizer, _requests(request_factory, LONG_PROMPT), tmp_path / "run", mode, per_call)
+    assert _unchanged(model, before)
+    records = read_jsonl(tmp_path / "run" / "cases.jsonl")
+    assert sorted(r["case_id"] for r in records) == ["0", "1", "2"]
+    failed = [r for r in records if "failed" in r]
+    assert [r["case_id"] for r in failed] == ["1"] and "pre" not in failed[0]
+    assert failed[0]["failed"]["stage"] == "pre" and failed[0]["failed"]["error"] == "IndexError" and failed[0]["failed"]["message"]
+    assert summary["cases"] == 3 and summary["failed_cases"] == 1 and summary["failed_case_ids"] == ["1"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["failed_case_ids"] == ["1"]
+    if mode != "batch":  # the metrics are those of the other cases alone (the failed case was never edited)
+        good = [r for r in _requests(request_factory) if r.case_id != "1"]
+        alone = _run(_gpt2(tokenizer), tokenizer, good, tmp_path / "alone", mode, per_call)
+        assert _quality(summary["metrics"]) == _quality(alone["metrics"])
+        assert _scores([r for r in records if "failed" not in r]) == _scores(read_jsonl(tmp_path / "alone" / "cases.jsonl"))
+    # The same command again: the recorded failure is finished work, not retried.
+    again = _Wrapped(get_editor("ft_m")())
+    assert _run(model, tokenizer, _requests(request_factory, LONG_PROMPT), tmp_path / "run", mode, per_call, editor=again)["failed_cases"] == 1
+    assert again.calls == 0 and len(read_jsonl(tmp_path / "run" / "cases.jsonl")) == 3
+    table = summary_table(summary)
+    assert "1 of them FAILED" in table and "case ids: 1" in table
+
+
+def _nan_edit_for(case_id):
+    """A refused edit (non-finite delta) for ``case_id``, like float16 overflow."""
+
+    def on_apply(model, requests):
+        if any(r.case_id == case_id for r in requests):
+            name, param = next(iter(model.named_parameters()))
+            return Edit("ft_m", {name: ParamDelta(delta=torch.full_like(param, float("nan")))}, [r.case_id for r in requests], {}, {}).apply(model)
+        return None
+
+    return on_apply
+
+
+@pytest.mark.parametrize("mode,per_call,refused", [("single", 1, ["1"]), ("batch", 2, ["0", "1"]), ("sequential", 1, ["1"])])
+def test_refused_edit_is_recorded_and_the_other_edits_go_on(mode, per_call, refused, tokenizer, request_factory, tmp_path):
+    from conftest import build_llama
+
+    model = build_llama(len(tokenizer))
+    before = _params(model)
+    editor = _Wrapped(get_editor("ft_m")(), _nan_edit_for("1"))
+    summary = _run(model, tokenizer, _requests(request_factory), tmp_path, mode, per_call, editor=editor)
+    assert _unchanged(model, before)
+    records = {r["case_id"]: r for r in read_jsonl(tmp_path / "cases.jsonl")}
+    assert set(records) == {"0", "1", "2"}
+    for case_id in refused:  # in batch mode the whole call is refused
+        assert records[case_id]["failed"]["stage"] == "edit" and records[case_id]["failed"]["error"] == "EditError"
+        assert "non-finite" in records[case_id]["failed"]["message"]
+    assert "failed" not in records["2"] and summary["failed_case_ids"] == refused
+    if mode == "sequential":  # the run went on without the refused edit; the other two stay applied
+        assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == ["000001", "000002"]
+        assert records["0"]["edits_applied"] == records["2"]["edits_applied"] == 2
+        assert read_jsonl(tmp_path / "checkpoints.jsonl")[-1]["edits"] == 2
+
+
+def test_compare_reads_a_sequential_run_with_failed_cases(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
+    from conftest import build_llama
+
+    import evaluation.general
+    from evaluation.general import GeneralConfig
+
+    def probe(model, tokenizer, config):  # a stand-in for the general suite that moves with the weights
+        return {"probe": {"acc": sum(float(p.detach().double().abs().sum()) for p in model.parameters())}}
+
+    monkeypatch.setattr(evaluation.general, "evaluate_general", probe)
+    editor = _Wrapped(get_editor("ft_m")(), _nan_edit_for("1"))
+    run = EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "sequential", 1, EVAL,
+                  progress=False, checkpoints=[1, 2], general=GeneralConfig(tasks=["piqa"]))
+    summary = run.run()
+    assert summary["failed_case_ids"] == ["1"] and summary["checkpoints"] == [0, 1, 2]
+    assert read_jsonl(tmp_path / "checkpoints.jsonl")[-1]["retention"]["es"] == summary["metrics"]["es"]
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 0
+    assert json.loads((tmp_path / "cmp" / "budget.json").read_text())["ft_m"]["max_edits"] == 2
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_error_after_editing_is_recorded_and_the_model_reverted(mode, tokenizer, request_factory, tmp_path, monkeypatch):
+    from conftest import build_llama
+
+    measured: list[str] = []
+    real = runner.measure_case
+
+    def failing_post(model, tokenizer, request, config):
+        measured.append(request.case_id)
+        if request.case_id == "0" and measured.count("0") >= 2:  # case 0 on the edited model
+            raise RuntimeError("probe broke")
+        return real(model, tokenizer, request, config)
+
+    monkeypatch.setattr(runner, "measure_case", failing_post)
+    model = build_llama(len(tokenizer))
+    before = _params(model)
+    summary = _run(model, tokenizer, _requests(request_factory), tmp_path, mode)
+    assert _unchanged(model, before)
+    records = {r["case_id"]: r for r in read_jsonl(tmp_path / "cases.jsonl")}
+    assert records["0"]["failed"] == {"stage": "post", "error": "RuntimeError", "message": "probe broke"}
+    assert "failed" not in records["1"] and "failed" not in records["2"]
+    assert summary["failed_case_ids"] == ["0"]
+
+
+def test_failed_lines_are_skipped_by_run_metrics(tokenizer, request_factory, tmp_path):
+    _run(_gpt2(tokenizer), tokenizer, _requests(request_factory, LONG_PROMPT), tmp_path, "single")
+    records = read_jsonl(tmp_path / "cases.jsonl")
+    metrics = RunMetrics()
+    for record in records:
+        metrics.update(record)
+    assert metrics.cases == 2
+
+
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_memory_errors_and_interrupts_still_stop_the_run(error, tokenizer, request_factory, tmp_path):
+    from conftest import build_llama
+
+    def raise_error(model, requests):
+        raise error()
+
+    model = build_llama(len(tokenizer))
+    before = _params(model)
+    with pytest.raises(error):
+        _run(model, tokenizer, _requests(request_factory), tmp_path, "single", editor=_Wrapped(get_editor("ft_m")(), raise_error))
+    assert _unchanged(model, before)
+    assert read_jsonl(tmp_path / "cases.jsonl") == []
+
+
+def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, tmp_path, monkeypatch):
+    """The rewrites of a multi-hop case are edited together or not at all."""
+    from conftest import build_llama
+
+    requests = _requests(request_factory)
+    for request in requests[:2]:
+        object.__setattr__(request, "group", "hop")
+    real = runner.measure_case
+
+    def failing_pre(model, tokenizer, request, config):
+        if request.case_id == "1":
+            raise ValueError("bad probe")
+        return real(model, tokenizer, request, config)
+
+    monkeypatch.setattr(runner, "measure_case", failing_pre)
+    editor = _Wrapped(get_editor("ft_m")())
+    summary = _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path, "single", editor=editor)
+    records = {r["case_id"]: r for r in read_jsonl(tmp_path / "cases.jsonl")}
+    assert records["1"]["failed"] == {"stage": "pre", "error": "ValueError", "message": "bad probe"}
+    assert records["0"]["failed"]["stage"] == "pre" and "case 1 of its group 'hop' failed: bad probe" in records["0"]["failed"]["message"]
+    assert "failed" not in records["2"] and editor.calls == 1 and summary["failed_case_ids"] == ["0", "1"]
