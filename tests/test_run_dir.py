@@ -169,6 +169,8 @@ def test_overwrite_deletes_nothing_when_the_model_or_data_fail(inputs, run_copy,
     (tmp_path / "bad.json").write_text('[{"requested_rewrite": {}}]')
     with pytest.raises(SystemExit, match="bad.json"):
         _cli(inputs, run_copy, "--overwrite", data=tmp_path / "bad.json")
+    with pytest.raises(SystemExit, match="layers"):  # editor settings that do not fit the model (3 blocks)
+        _cli(inputs, run_copy, "--overwrite", "--editor.layers", "[7]")
     assert _contents(run_copy) == before
 
 
