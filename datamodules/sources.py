@@ -96,8 +96,9 @@ SOURCES: Mapping[str, Source] = MappingProxyType(
             description="zsRE question answering edits, MEND evaluation split",
             url="https://rome.baulab.info/data/dsets/zsre_mem-eval.json",
             # No checksum of this file is published, and no copy of the original is at hand (the
-            # zsRE files of ../shared/data are other splits, re-serialised). With sha256=None the
-            # download is kept and its computed digest is logged, so that it can be filled in here.
+            # zsRE files of ../shared/data are other splits, re-serialised). With no checksum the
+            # first download's SHA-256 is logged and pinned beside it (see ensure_downloaded), so a
+            # cached copy that changes afterwards is detected; fill the digest in here once known.
             sha256=None,
         ),
         "mquake": Source(
@@ -172,21 +173,33 @@ def resolve_source(source: str | os.PathLike[str], download: bool = True) -> tup
 def ensure_downloaded(source: Source, download: bool = True, directory: Path | None = None) -> Path:
     """Return the local copy of a downloadable ``source``, fetching and verifying it if needed.
 
-    A cached file whose checksum does not match is fetched again.
+    A cached file whose checksum does not match is fetched again. A source with neither a SHA-256
+    nor a Git blob id is pinned on first use: the digest of its first download is written beside
+    it (``<file>.sha256``) and later uses check the cached copy against that.
     """
     if source.url is None:
         raise SourceError(f"{source.name!r} is bundled with the package; there is nothing to download")
     dest = source_path(source, directory)
+    pin = dest.with_name(dest.name + ".sha256")
+    expected = source.sha256
+    if expected is None and source.git_blob is None and pin.is_file():
+        expected = pin.read_text().strip() or None
     if dest.is_file():
-        if (source.sha256 is None or sha256_of(dest) == source.sha256) and (source.git_blob is None or git_blob_of(dest) == source.git_blob):
+        if (expected is None or sha256_of(dest) == expected) and (source.git_blob is None or git_blob_of(dest) == source.git_blob):
             return dest
-        logger.warning("%s: checksum does not match the expected %s; downloading %s again", dest, source.sha256 or source.git_blob, source.name)
+        logger.warning("%s: checksum does not match the expected %s; downloading %s again", dest, expected or source.git_blob, source.name)
     if not download:
         raise SourceError(
             f"data set {source.name!r} is not downloaded yet (expected at {dest}); call prepare_data() "
             f"or load it once with downloads allowed, or pass a local path instead"
         )
-    return download_file(source.url, dest, sha256=source.sha256, size=source.size, name=source.name, git_blob=source.git_blob)
+    path = download_file(source.url, dest, sha256=source.sha256, size=source.size, name=source.name, git_blob=source.git_blob)
+    if source.sha256 is None and source.git_blob is None:
+        digest = sha256_of(path)
+        if expected is not None and digest != expected:
+            logger.warning("%s: the download's SHA-256 %s differs from the one pinned at first download (%s): the served file changed", source.name, digest, expected)
+        pin.write_text(digest + "\n")
+    return path
 
 
 def sha256_of(path: Path) -> str:

@@ -113,6 +113,19 @@ def test_ensure_downloaded_fetches_once_and_repairs_a_corrupt_cache(tmp_path):
     assert ensure_downloaded(entry, directory=directory).read_bytes() == b"[]"
 
 
+def test_a_source_without_checksum_is_pinned_at_first_download(tmp_path):
+    url, digest = _served(tmp_path, b"[]")
+    entry = Source(name="tiny", format="zsre", filename="tiny.json", description="test", url=url, sha256=None)
+    directory = tmp_path / "cache"
+    path = ensure_downloaded(entry, directory=directory)
+    assert (directory / "tiny.json.sha256").read_text().strip() == digest
+    assert ensure_downloaded(entry, download=False, directory=directory) == path  # the pin matches
+    path.write_bytes(b"[0]")  # the cached copy changed after the first download
+    with pytest.raises(SourceError, match="not downloaded yet"):
+        ensure_downloaded(entry, download=False, directory=directory)
+    assert ensure_downloaded(entry, directory=directory).read_bytes() == b"[]"  # fetched again
+
+
 def test_named_full_dataset_is_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
     with pytest.raises(SourceError, match="not downloaded yet"):
