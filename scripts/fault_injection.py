@@ -3,8 +3,8 @@
 For each mode (single, batch, sequential) the script first runs ``edit.py`` once, uninterrupted,
 on a tiny random LLaMA model and the first cases of the bundled demo CounterFact set, and times
 it. Then, ``--trials`` times per mode, it starts the same command into a fresh folder, sends it
-SIGKILL at a moment drawn uniformly from that duration, and runs the same command again to the
-end. The final ``cases.jsonl``, ``summary.json`` (and, in sequential mode, ``checkpoints.jsonl``)
+SIGKILL at a moment drawn uniformly from that duration (halved until it lands while the run is
+still working), and runs the same command again to the end. The final ``cases.jsonl``, ``summary.json`` (and, in sequential mode, ``checkpoints.jsonl``)
 must equal the uninterrupted run's, timings and memory figures aside. Last, it starts two runs on
 one folder at the same moment: exactly one may run, the other must be refused without writing,
 and the folder must end as the uninterrupted run's.
@@ -172,11 +172,19 @@ def main(argv: list[str] | None = None) -> int:
             out = work / mode / f"trial-{index:02d}"
             shutil.rmtree(out, ignore_errors=True)
             trial_log = work / mode / f"trial-{index:02d}.log"
-            was_running = kill_at(command(model, out, mode), env, delays[index], trial_log)
+            # A run that finished before its kill (the machine was faster than when the reference
+            # was timed) is started afresh with half the delay, so that the kill lands.
+            delay, was_running = delays[index], False
+            for _ in range(6):
+                shutil.rmtree(out, ignore_errors=True)
+                if kill_at(command(model, out, mode), env, delay, trial_log):
+                    was_running = True
+                    break
+                delay /= 2
             code = run(command(model, out, mode), env, trial_log)
             same = code == 0 and results(out) == reference
             if not same:
-                print(f"{mode} trial {index}: killed at {delays[index]:.1f} s, rerun exit {code}, results differ; see {trial_log}", file=sys.stderr)
+                print(f"{mode} trial {index}: killed at {delay:.1f} s, rerun exit {code}, results differ; see {trial_log}", file=sys.stderr)
             return was_running, same
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
