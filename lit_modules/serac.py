@@ -72,11 +72,30 @@ class SERACModule(EditorModule):
             self._separator = torch.tensor(separator_ids(self.tokenizer, self.config.separator), dtype=torch.long)
         return self._separator.to(device)
 
+    def scope_pairs(
+        self, passes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], positions: Mapping[str, tuple[torch.Tensor, ...]], keys: torch.Tensor, key_rows: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The scope classifier's training pairs: for each answer position of each part (rows) and
+        each of the batch's ``n`` edits (columns), the in-scope logit (best key of that edit) and
+        its label. A position is in scope of its own edit only: the other edits' prompts and
+        rephrases (questions of the same distribution, often of the same relation) and the
+        locality prompts (NQ questions for zsRE, neighbourhood prompts of the same relation for
+        CounterFact) are its negatives. Also returns the part of each row."""
+        logits, labels, parts = [], [], []
+        for part in PARTS:
+            rows, cols, _ = positions[part]
+            cosine = self.net.embed(passes[part][0][rows, cols]) @ keys.T
+            per_edit = cosine.new_full((len(rows), n), -2.0).scatter_reduce(1, key_rows.expand(len(rows), -1), cosine, "amax")
+            logits.append(self.net.in_scope_logit(per_edit))
+            labels.append(F.one_hot(rows, n).float() if part != "locality" else torch.zeros_like(per_edit))
+            parts += [part] * len(rows)
+        return torch.cat(logits), torch.cat(labels), parts
+
     def step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         n = len(batch["case_id"])
         net, model = self.net, self.base
         with torch.no_grad():
-            passes = {p: base_pass(model, net.feature_module, batch[p]["input_ids"], batch[p]["attention_mask"]) for p in PARTS}
+            passes = {p: base_pass(model, net, batch[p]["input_ids"], batch[p]["attention_mask"]) for p in PARTS}
         positions = {p: label_positions(batch[p]["labels"]) for p in PARTS}
         real = {p: batch[p]["attention_mask"].bool() for p in PARTS}
 
@@ -89,15 +108,7 @@ class SERACModule(EditorModule):
         bank = Bank([torch.cat([edit_ids[i][real["edit"][i]], separator]) for i in range(n)], keys, key_rows)
 
         # Scope classifier: every answer position of every part against every edit (best key).
-        logits, labels = [], []
-        for part in PARTS:
-            rows, cols, _ = positions[part]
-            cosine = net.embed(passes[part][0][rows, cols]) @ keys.T
-            per_edit = cosine.new_full((len(rows), n), -2.0).scatter_reduce(1, key_rows.expand(len(rows), -1), cosine, "amax")
-            logits.append(net.in_scope_logit(per_edit))
-            in_scope = F.one_hot(rows, n).float() if part != "locality" else torch.zeros_like(per_edit)
-            labels.append(in_scope)
-        logits, labels = torch.cat(logits), torch.cat(labels)
+        logits, labels, _ = self.scope_pairs(passes, positions, keys, key_rows, n)
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
         positive = labels.bool()
         classifier_loss = bce[positive].mean() + bce[~positive].mean()

@@ -13,8 +13,8 @@ from conftest import build_gpt2, build_llama, make_request
 from datamodules.edit_datamodule import EditDataModule
 from editors import Edit, EditError, get_editor
 from editors.base import QA
-from editors.learned import CheckpointError, answer_accuracy, answer_logits, save_network
-from editors.lm import collate_pairs, encode_pair, logits_at
+from editors.learned import CheckpointError, answer_accuracy, answer_logits, label_positions, save_network
+from editors.lm import collate_pairs, encode_pair, hidden_states, logits_at
 from editors.serac import SERAC, SERACConfig, SERACEdit, EditMemory, base_pass, route
 from lit_modules.serac import SERACModule
 
@@ -85,7 +85,7 @@ def test_untrained_routing_is_exact_match_and_out_of_scope_rows_are_untouched(ti
     with torch.no_grad():
         after = logits_at(tiny_model, batch)
         full_after = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        features, _ = base_pass(tiny_model, memory.network.feature_module, batch.input_ids, batch.attention_mask)
+        features, _ = base_pass(tiny_model, memory.network, batch.input_ids, batch.attention_mask)
         routing, probability = route(memory.network, memory.bank, features, batch.attention_mask)
     # the position predicting the answer routes on the prompt alone; nothing else matches exactly
     assert routing[0, batch.cols[0]] == 0 and probability[0, batch.cols[0]] > 0.5
@@ -108,7 +108,7 @@ def test_routed_position_reads_the_counterfactual_model(tiny_model, tokenizer):
     network = EditMemory.of(tiny_model).network
     prompt, target = encode_pair(tokenizer, req.prompt, "Paris")
     sequence = torch.tensor([prompt + target + tokenizer("\n", add_special_tokens=False)["input_ids"] + prompt])
-    with torch.no_grad():
+    with torch.no_grad(), EditMemory.of(tiny_model).bypassed():
         expected = tiny_model.get_output_embeddings()(network.counterfactual_hidden(tiny_model, sequence, torch.ones_like(sequence))[0, -1])
     assert torch.allclose(first_logits(tiny_model, tokenizer, [(req.prompt, "Paris")])[0], expected, atol=1e-5)
     edit.revert(tiny_model)
@@ -214,6 +214,78 @@ def test_generation_with_cache_routes_every_step(tiny_model, tokenizer):
     assert not hasattr(tiny_model, "_reorder_cache")
 
 
+def test_counterfactual_model_is_the_frozen_model_with_a_copy_of_its_top_blocks(tiny_model, tokenizer, tmp_path):
+    """The copy holds only the top ``cf_layers`` blocks and the final norm; the lower blocks and
+    embeddings stay the model's own; untrained, it computes exactly the frozen model."""
+    network = SERAC().network(tiny_model, tokenizer, SERACConfig(**TINY))
+    blocks = tiny_model.base_model.layers if hasattr(tiny_model.base_model, "layers") else tiny_model.base_model.h
+    top = network.top.layers if hasattr(network.top, "layers") else network.top.h
+    assert len(top) == TINY["cf_layers"] and network.entry_module.endswith(f".{len(blocks) - TINY['cf_layers'] - 1}")
+    for copied, original in zip(top, blocks[-TINY["cf_layers"] :]):
+        for (name, a), (_, b) in zip(copied.named_parameters(), original.named_parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert not {p.data_ptr() for p in network.parameters()} & {p.data_ptr() for p in tiny_model.parameters()}
+    # saved state: the classifier and the copy, no embedding (token or position) and no lower block
+    hidden = tiny_model.config.hidden_size if hasattr(tiny_model.config, "hidden_size") else tiny_model.config.n_embd
+    state = network.state_dict()
+    assert all(k.split(".")[0] in ("proj", "log_scale", "threshold", "top") for k in state)
+    assert not any(len(tokenizer) in v.shape or tiny_model.config.max_position_embeddings in v.shape for v in state.values())
+    copy_size = sum(p.numel() for p in top.parameters()) + sum(v.numel() for k, v in state.items() if k.startswith("top.") and ".layers." not in k and ".h." not in k)
+    assert sum(v.numel() for k, v in state.items() if k.startswith("top.")) == copy_size and copy_size < sum(p.numel() for p in blocks.parameters())
+    assert hidden == network.proj.in_features
+    # untrained: the whole frozen model (positions, final norm and all)
+    ids = collate_pairs([encode_pair(tokenizer, "The capital of Italy is", "Rome")], tokenizer.pad_token_id).input_ids
+    with torch.no_grad():
+        assert torch.allclose(network.counterfactual_hidden(tiny_model, ids, torch.ones_like(ids)), hidden_states(tiny_model, ids, torch.ones_like(ids)), atol=1e-5)
+    with pytest.raises(ValueError, match="cf_layers must be between 1 and 2"):
+        SERAC().network(tiny_model, tokenizer, SERACConfig(**{**TINY, "cf_layers": 3}))
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-call", "sequential"])
+def test_many_edits_route_each_input_to_its_nearest_edit(tiny_model, tokenizer, sequential):
+    """Eight edits in memory at once: each edit prompt is answered as with its own edit alone,
+    an unrelated prompt is untouched."""
+    requests = fact_requests()
+    probes = [(r.prompt, r.target_new) for r in requests] + [(LOCALITY[0], "Mike")]
+    base = first_logits(tiny_model, tokenizer, probes)
+    alone = []
+    for i, req in enumerate(requests):
+        edit = apply(tiny_model, tokenizer, [req])
+        alone.append(first_logits(tiny_model, tokenizer, probes[i : i + 1])[0])
+        edit.revert(tiny_model)
+    edits = [apply(tiny_model, tokenizer, [r]) for r in requests] if sequential else [apply(tiny_model, tokenizer, requests)]
+    memory = EditMemory.of(tiny_model)
+    assert len(memory.entries) == len(requests)
+    batch = collate_pairs([encode_pair(tokenizer, p, t) for p, t in probes], tokenizer.pad_token_id)
+    with torch.no_grad():
+        features, _ = base_pass(tiny_model, memory.network, batch.input_ids, batch.attention_mask)
+        routing, _ = route(memory.network, memory.bank, features, batch.attention_mask)
+    first = torch.tensor([0] + list(torch.tensor(batch.lengths).cumsum(0)[:-1]))
+    rows, cols = batch.rows[first], batch.cols[first]
+    assert routing[rows, cols].tolist() == list(range(len(requests))) + [-1]
+    together = first_logits(tiny_model, tokenizer, probes)
+    for i in range(len(requests)):
+        assert torch.allclose(together[i], alone[i], atol=1e-5), i
+    assert torch.equal(together[-1], base[-1])
+    for edit in reversed(edits):
+        edit.revert(tiny_model)
+    assert EditMemory.of(tiny_model) is None
+
+
+def test_prefix_mean_features_agree_with_and_without_a_cache(tiny_model, tokenizer):
+    """The pooled feature of a position is the same whether its prefix comes in one pass or in
+    pieces (the carry of a KV-cached pass), with padding on the left."""
+    network = SERAC().network(tiny_model, tokenizer, SERACConfig(**TINY))
+    states = torch.randn(2, 7, network.proj.in_features)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    whole, _ = network.pool(states, mask)
+    head, carry = network.pool(states[:, :4], mask[:, :4])
+    tail, _ = network.pool(states[:, 4:], mask[:, 4:], carry)
+    assert torch.allclose(torch.cat([head, tail], 1), whole, atol=1e-6)
+    unit = torch.nn.functional.normalize(states[0, 2:5], dim=-1).mean(0)
+    assert torch.allclose(whole[0, 4], unit, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -229,6 +301,36 @@ def test_fast_dev_run(tiny_model, tokenizer, data_file, tmp_path):
     quiet_trainer(tmp_path, fast_dev_run=True).fit(module, data)
     metrics = quiet_trainer(tmp_path, fast_dev_run=True).validate(module, data, verbose=False)[0]
     assert {"val/loss", "val/edit_success", "val/rephrase_success", "val/locality"} <= set(metrics)
+
+
+def test_training_batch_holds_hard_negatives(tokenizer, data_file):
+    """The classifier's pairs in a batch: each prompt and rephrase is in scope of its own edit
+    only; the other edits' questions (here two share the relation "mother tongue of") and the
+    locality prompts are negatives of every edit."""
+    model = build_llama(len(tokenizer))
+    module = SERACModule(model=model, editor=SERACConfig(**TINY))
+    module.configure_model()
+    data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=8, val_fraction=0.0, seed=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    net, n = module.net, len(batch["case_id"])
+    with torch.no_grad():
+        passes = {p: base_pass(model, net, batch[p]["input_ids"], batch[p]["attention_mask"]) for p in ("edit", "rephrase", "locality")}
+        positions = {p: label_positions(batch[p]["labels"]) for p in passes}
+        key_rows, key_cols, _ = positions["edit"]
+        keys = net.embed(passes["edit"][0][key_rows, key_cols])
+        logits, labels, parts = module.scope_pairs(passes, positions, keys, key_rows, n)
+    assert logits.shape == labels.shape == (len(parts), n)
+    for part in ("edit", "rephrase"):
+        rows = positions[part][0]
+        own = labels[[i for i, p in enumerate(parts) if p == part]]
+        assert torch.equal(own, torch.nn.functional.one_hot(rows, n).float())  # others' questions: negatives
+    assert labels[[i for i, p in enumerate(parts) if p == "locality"]].sum() == 0
+    subjects = [json.loads(data_file.read_text())[int(c)]["subject"] for c in batch["case_id"]]
+    a, b = subjects.index("Danielle Darrieux"), subjects.index("Michel Rocard")  # same relation
+    rephrase_rows = torch.tensor([i for i, p in enumerate(parts) if p == "rephrase"])
+    of_b = rephrase_rows[positions["rephrase"][0] == b]
+    assert (labels[of_b, a] == 0).all() and (labels[of_b, b] == 1).all()
 
 
 def scores(model, tokenizer, requests, settings) -> dict[str, float]:

@@ -21,7 +21,7 @@ from torch import nn
 from editors.base import Edit, EditError, Editor, EditRequest, register_editor
 from editors.learned import LearnedEditorMixin, edited_modules, model_signature
 from editors.lm import encode_pair
-from editors.targets import get_targets
+from editors.targets import get_targets, num_layers
 
 from .config import SERACConfig
 from .memory import EditMemory
@@ -146,9 +146,11 @@ class SERACEdit(Edit):
 class SERAC(LearnedEditorMixin, Editor):
     """Memory-based editing with a scope classifier and a counterfactual model.
 
-    Untrained (no checkpoint), the classifier routes only near-exact matches of a stored edit's
-    prompt and the counterfactual model is the model's own bottom blocks: the baseline that
-    training (:class:`lit_modules.serac.SERACModule`) has to beat.
+    Untrained (no checkpoint), the classifier routes only near-copies of a stored edit's prompt
+    and the counterfactual model is the frozen model reading the edit in context: the baseline
+    that training (:class:`lit_modules.serac.SERACModule`) has to beat. Any number of edits can
+    be in memory at once (one call with many requests, or edits applied one after another); each
+    input position goes to the nearest in-scope edit.
     """
 
     def __init__(self) -> None:
@@ -156,11 +158,13 @@ class SERAC(LearnedEditorMixin, Editor):
 
     def network_modules(self, model: nn.Module, config: SERACConfig) -> list[str]:
         # The copied blocks' MLP output projections: their shapes pin the checkpoint to the model's widths.
-        return edited_modules(model, ["mlp_out"], list(range(config.cf_layers)), config.targets)
+        depth = num_layers(model, get_targets(model, config.targets))
+        return edited_modules(model, ["mlp_out"], list(range(depth - config.cf_layers, depth)), config.targets)
 
     def build_network(self, model: nn.Module, tokenizer: Any, config: SERACConfig) -> SERACNetwork:
         return SERACNetwork(
-            model, get_targets(model, config.targets), config.classifier_layer, config.embedding_dim, config.cf_layers, config.init_scale, config.init_threshold
+            model, get_targets(model, config.targets), config.classifier_layer, config.embedding_dim, config.cf_layers, config.init_scale, config.init_threshold,
+            config.classifier_pooling,
         )
 
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: SERACConfig) -> Edit:

@@ -5,13 +5,14 @@ SERAC answers an input x with the base model unless the scope classifier ``g`` s
 the scope of a stored edit: the edit ``z*`` with the highest in-scope probability ``g(z, x)`` is
 retrieved, and if that probability exceeds 0.5 the counterfactual model ``h(z*, x)`` answers
 instead. Here the decision is taken **per position** of a causal LM: a position's feature is the
-frozen model's hidden state there, which summarises its prefix, so the position that predicts an
-answer's first token is routed on the prompt alone; teacher-forced scoring (prompt + answer in one
+classifier's feature there, which summarises its prefix (see :meth:`SERACNetwork.pool`), so the
+position that predicts an answer's first token is routed on the prompt alone; teacher-forced scoring (prompt + answer in one
 pass) and KV-cache generation (one token at a time) therefore take the same decisions. A routed
 position's final hidden state is replaced by the counterfactual model's hidden state at the same
 token when it reads ``edit text + separator + the row's tokens``, so the model's own
 unembedding (``model(...)``, ``model.generate``, ``unembed(model, hidden_states(model, ...))``)
-yields the counterfactual logits. Positions that are not routed keep the frozen model's hidden
+yields the counterfactual logits. With several edits stored, each position goes to the edit
+whose key is nearest (highest cosine, hence highest in-scope probability). Positions that are not routed keep the frozen model's hidden
 states bit for bit, and the weights are never touched.
 
 A stored edit holds its text's token ids (prompt + new target) followed by the separator, and one
@@ -62,17 +63,20 @@ class Job:
     positions: torch.Tensor
 
 
-def base_pass(model: nn.Module, feature_module: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen model's classifier features (output of ``feature_module``) and final hidden
-    states, both ``[batch, length, hidden]``, from one forward pass."""
-    with trace(model, [feature_module], inputs=False, outputs=True) as traced:
+def base_pass(model: nn.Module, network: SERACNetwork, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier features (pooled outputs of ``network.feature_module``) and the frozen
+    model's final hidden states, both ``[batch, length, hidden]``, from one forward pass (not
+    routed, also when the model holds edits)."""
+    memory = EditMemory.of(model)
+    with memory.bypassed() if memory is not None else contextlib.nullcontext(), trace(model, [network.feature_module], inputs=False, outputs=True) as traced:
         hidden = hidden_states(model, input_ids, attention_mask)
-    return traced[feature_module].output, hidden
+    features, _ = network.pool(traced[network.feature_module].output, attention_mask)
+    return features, hidden
 
 
 def route(network: SERACNetwork, bank: Bank, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SERAC's routing per position: the stored edit with the highest in-scope probability, if that
-    probability exceeds 0.5. Returns ``(edit index or -1, in-scope probability)``, both ``[batch, length]``;
+    """SERAC's routing per position: the stored edit with the highest in-scope probability (the
+    nearest key), if that probability exceeds 0.5; ``features`` are pooled (:meth:`SERACNetwork.pool`). Returns ``(edit index or -1, in-scope probability)``, both ``[batch, length]``;
     positions where ``mask`` is false are never routed."""
     cosine = network.embed(features) @ bank.keys.T  # [batch, length, n_keys]
     best, key = cosine.max(-1)  # the logit is increasing in the cosine: the best key is the best edit
@@ -92,7 +96,9 @@ def counterfactual_states(network: SERACNetwork, model: nn.Module, jobs: Sequenc
     for i, sequence in enumerate(sequences):
         input_ids[i, : len(sequence)] = sequence
         attention_mask[i, : len(sequence)] = 1
-    hidden = network.counterfactual_hidden(model, input_ids, attention_mask)
+    memory = EditMemory.of(model)
+    with memory.bypassed() if memory is not None else contextlib.nullcontext():  # its lower blocks are the frozen model's
+        hidden = network.counterfactual_hidden(model, input_ids, attention_mask)
     return [hidden[i, len(job.prefix) + job.positions] for i, job in enumerate(jobs)]
 
 
@@ -148,9 +154,9 @@ class EditMemory:
 
     The hooks: one on the classifier's block keeps its output (the features of this forward
     pass); one on ``model.base_model`` routes the final hidden states. With a KV cache a forward
-    pass sees only new tokens, so the rows' token history is kept here (started afresh by every
-    pass without a past) and the counterfactual model re-reads the whole history; beam search's
-    reordering of the cache reorders it too (through the model's ``_reorder_cache``, which
+    pass sees only new tokens, so the rows' token history and the running sums of their pooled
+    features are kept here (started afresh by every pass without a past) and the counterfactual
+    model re-reads the whole history; beam search's reordering of the cache reorders them too (through the model's ``_reorder_cache``, which
     ``generate`` calls when a model has one).
     """
 
@@ -164,6 +170,7 @@ class EditMemory:
         self._bank: Bank | None = None
         self._features: torch.Tensor | None = None
         self._history: torch.Tensor | None = None
+        self._carry: tuple[torch.Tensor, torch.Tensor] | None = None  # running sums of the pooled features
         self._bypass = False
         self._handles = [
             get_module(model, network.feature_module).register_forward_hook(self._capture),
@@ -191,7 +198,7 @@ class EditMemory:
             input_ids[i, : len(text)] = text
             attention_mask[i, : len(text)] = 1
         with self.bypassed(), torch.no_grad():
-            features, _ = base_pass(self.model, self.network.feature_module, input_ids, attention_mask)
+            features, _ = base_pass(self.model, self.network, input_ids, attention_mask)
             for i, (text, n_target) in enumerate(zip(texts, target_lengths)):
                 if not 1 <= n_target < len(text):
                     raise EditError(f"a stored edit needs a prompt and 1 to {len(text) - 1} target tokens, got {n_target} of {len(text)}")
@@ -212,7 +219,7 @@ class EditMemory:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._history = self._features = None
+        self._history = self._features = self._carry = None
         if EditMemory.of(self.model) is self:
             delattr(self.model, MEMORY_ATTRIBUTE)
         if self._reorders:
@@ -249,9 +256,11 @@ class EditMemory:
             raise EditError("SERAC routes on token ids: call the edited model with input_ids, not inputs_embeds")
         if features is None:
             raise EditError(f"SERAC: the classifier block {self.network.feature_module} did not run in this forward pass")
-        history, history_mask = self._track(input_ids, kwargs)
+        history, history_mask, carry = self._track(input_ids, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        features, self._carry = self.network.pool(features, history_mask[:, history.shape[1] - features.shape[1] :], carry)
         routed, _ = routed_hidden(self.network, self.model, self.bank, hidden, features, history, history_mask)
+        self._features = None  # captured by the counterfactual model's (unrouted) passes
         if routed is hidden:
             return None
         if isinstance(output, tuple):
@@ -263,10 +272,13 @@ class EditMemory:
         cache.reorder_cache(beam_idx)
         if self._history is not None:
             self._history = self._history[beam_idx.to(self._history.device)]
+        if self._carry is not None:
+            self._carry = tuple(t[beam_idx.to(t.device)] for t in self._carry)
         return cache
 
-    def _track(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' whole token history and its padding mask, this pass's tokens last."""
+    def _track(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The rows' whole token history and its padding mask, this pass's tokens last, and the
+        pooled features' carry from earlier passes (``None`` for a pass without a past)."""
         new = input_ids.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -276,14 +288,16 @@ class EditMemory:
         else:
             cache = cache_in(kwargs)
             past = max(cache.get_seq_length() - new, 0) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        carry = None
         if past == 0:
             history = input_ids
-        elif self._history is not None and tuple(self._history.shape) == (input_ids.shape[0], past):
+        elif self._history is not None and tuple(self._history.shape) == (input_ids.shape[0], past) and self._carry is not None:
             history = torch.cat([self._history, input_ids], 1)
+            carry = self._carry
         else:
             raise EditError(
                 "SERAC lost the token history of a cached forward pass: the cache was reused or "
                 "reshaped in a way it cannot follow (e.g. assisted decoding)"
             )
         self._history = history
-        return history, (mask if mask is not None else torch.ones_like(history))
+        return history, (mask if mask is not None else torch.ones_like(history)), carry
