@@ -9,6 +9,12 @@ passed to ``torch.func.functional_call``, so only the network receives gradients
 model is never modified. (This replaces the ``higher`` library of the original code: MEND's
 inner step is a closed-form update, not an optimiser loop, so nothing needs to be unrolled, and
 ``functional_call`` swaps a few tensors without monkey-patching or copying modules.)
+
+As in MEND's code, each inner update holds one edit (``edits_per_step: single``), and the factors'
+standardisation statistics keep being updated while training. Before the first step they are
+gathered on ``warmup_edits`` training edits (a deviation: the reference starts from its first
+batch), so the network learns from the first step on standardised factors, and the untrained,
+warmed network (``--trainer.max_steps 0``) is a fair baseline.
 """
 
 from __future__ import annotations
