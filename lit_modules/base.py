@@ -14,12 +14,15 @@ prompt + its answer). Logged per stage (``train/...``, ``val/...``), each a torc
 * ``rephrase_success``: the same on the rephrase;
 * ``locality``: share of locality answer positions whose argmax the edit left unchanged
   (``drawdown`` = 1 - locality);
+* ``score``: the mean of the three above, one number to select the best network by;
 * ``loss`` and its parts.
 
 At the end of fitting the network is exported as ``editor.safetensors`` + ``editor.json`` into
 ``editor/`` beside the checkpoints folder (see :meth:`EditorModule.export_dir`), which is what
-``--editor.checkpoint`` reads; a Lightning ``.ckpt`` works too: it is read with
-``weights_only=True`` and carries the same metadata.
+``--editor.checkpoint`` reads. When the trainer's ``ModelCheckpoint`` monitors a metric (the
+configs monitor ``val/score``), the exported network is its best checkpoint, not the last step's;
+the module then holds that network too. A Lightning ``.ckpt`` works as ``--editor.checkpoint``
+as well: it is read with ``weights_only=True`` and carries the same metadata.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from editors import get_editor
-from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, network_meta, save_network
+from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, network_meta, read_checkpoint, save_network
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("train", "val")
-METRICS = ("loss", "edit_success", "rephrase_success", "locality", "drawdown")
+METRICS = ("loss", "edit_success", "rephrase_success", "locality", "drawdown", "score")
+PER_EDIT = ("edit_success", "rephrase_success", "locality")  # one value per edit; the rest are means
+EDITS_PER_STEP = ("single", "batch")
 
 
 class EditorModule(LightningModule):
@@ -53,11 +58,15 @@ class EditorModule(LightningModule):
         lr: the network's Adam learning rate.
         editor_name: the registered editor whose network is trained (set by subclasses).
         editor: that editor's config (its architecture fields define the network).
+        export_dir: where the trained network is written at the end of fitting; None: ``editor/``
+            beside the checkpoints folder (see :meth:`export_dir`).
     """
 
     editor_name: str = ""
 
-    def __init__(self, model: str | nn.Module = "smollm2-135m", editor: LearnedConfig | None = None, lr: float = 1.0e-4) -> None:
+    def __init__(
+        self, model: str | nn.Module = "smollm2-135m", editor: LearnedConfig | None = None, lr: float = 1.0e-4, export_dir: str | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
         self.model_spec = model if isinstance(model, str) else None
@@ -66,6 +75,7 @@ class EditorModule(LightningModule):
         # Checkpoints store the config as a plain dict (loadable with weights_only=True).
         self.config = config_class(**editor) if isinstance(editor, dict) else editor if editor is not None else config_class()
         self.lr = lr
+        self.export_to = export_dir
         self.editor = get_editor(self.editor_name)()
         self.net: nn.Module | None = None
         # (keys "train"/"val" would clash with nn.Module.train)
@@ -131,16 +141,38 @@ class EditorModule(LightningModule):
         return save_network(self.net, directory, self.editor_name, self.config, self.signature())
 
     def export_dir(self) -> Path:
-        """``editor/`` beside the checkpoints folder (stable across resumed runs), else in the
-        log folder, else in the trainer's root folder."""
+        """The ``export_dir`` argument, else ``editor/`` beside the checkpoints folder (stable
+        across resumed runs), else in the log folder, else in the trainer's root folder."""
+        if self.export_to is not None:
+            return Path(self.export_to)
         callback = self.trainer.checkpoint_callback
         if callback is not None and getattr(callback, "dirpath", None):
             return Path(callback.dirpath).parent / "editor"
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "editor"
 
+    def best_checkpoint(self) -> Path | None:
+        """The best checkpoint of the first ``ModelCheckpoint`` that monitors a metric (None
+        without one, or before it has saved anything)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "monitor", None) is not None:
+                path = getattr(callback, "best_model_path", "")
+                if path:
+                    logger.info("best %s network: %s = %s, %s", self.editor_name, callback.monitor, callback.best_model_score, path)
+                return Path(path) if path else None
+        return None
+
+    def load_best(self) -> Path | None:
+        """Put the best checkpoint's network into ``self.net``; returns its path (None: kept as is)."""
+        best = self.best_checkpoint()
+        if best is not None:
+            tensors, _, _ = read_checkpoint(best)
+            self.net.load_state_dict(tensors)
+        return best
+
     def on_fit_end(self) -> None:
         if self.trainer.fast_dev_run:
             return
+        self.load_best()
         directory = self.export_dir()  # on every process: trainer.log_dir is a collective call
         if self.trainer.is_global_zero:
             path = self.export(directory)
@@ -159,9 +191,10 @@ class EditorModule(LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         # Called (not .update()) so that each step's value is logged too, not only the epoch's.
         metrics["loss"](out["loss"].detach())
-        for name in ("edit_success", "rephrase_success", "locality"):
+        for name in PER_EDIT:
             metrics[name](out[name].detach())
         metrics["drawdown"](1 - out["locality"].detach())
+        metrics["score"](torch.stack([out[name].detach() for name in PER_EDIT]).mean(0))
         self.log_dict(metrics, on_step=stage == "train", on_epoch=True, prog_bar=stage == "val", batch_size=size)
         for name, value in out.items():
             if name.startswith("loss_"):
@@ -174,6 +207,15 @@ class EditorModule(LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         with torch.enable_grad():  # weight editors differentiate the edit loss to make the edit
             self._shared_step(batch, "val")
+
+
+def single_request(batch: Mapping[str, Any], row: int) -> dict[str, Any]:
+    """Request ``row`` of a batch as a batch of one, without its padding (padding is on the right)."""
+    out: dict[str, Any] = {"case_id": [batch["case_id"][row]]}
+    for part in ("edit", "rephrase", "locality"):
+        width = int(batch[part]["attention_mask"][row].sum())
+        out[part] = {key: value[row : row + 1, :width] for key, value in batch[part].items()}
+    return out
 
 
 class WeightEditModule(EditorModule):
@@ -189,6 +231,15 @@ class WeightEditModule(EditorModule):
     the edit-generalisation input). ``edit_parts`` names the parts whose NLL is the edit loss
     (their mean); success is reported for both. Subclasses implement :meth:`updates` and may
     override :meth:`combine` and ``edit_parts``.
+
+    ``edits_per_step`` says what one inner update holds:
+
+    * ``"single"`` (the default): each request of the batch gets its own update from the unedited
+      weights and is scored alone, and the losses are averaged over the batch: the single edits
+      ``edit.py`` makes, so ``val/*`` are single-edit numbers. (MEND's reference code likewise
+      trains with one edit per update, ``n_edits: 1``.)
+    * ``"batch"``: the batch's edits are summed into one update and scored together, for editors
+      meant to apply many edits in one call (``edit.py``'s batch mode).
     """
 
     edit_parts: tuple[str, ...] = ("rephrase",)
@@ -200,10 +251,15 @@ class WeightEditModule(EditorModule):
         lr: float = 1.0e-4,
         edit_weight: float = 1.0,
         locality_weight: float = 1.0,
+        edits_per_step: str = "single",
+        export_dir: str | None = None,
     ) -> None:
-        super().__init__(model, editor, lr)
+        super().__init__(model, editor, lr, export_dir)
+        if edits_per_step not in EDITS_PER_STEP:
+            raise ValueError(f"edits_per_step must be one of {EDITS_PER_STEP}, got {edits_per_step!r}")
         self.edit_weight = edit_weight
         self.locality_weight = locality_weight
+        self.edits_per_step = edits_per_step
 
     @abstractmethod
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -213,6 +269,21 @@ class WeightEditModule(EditorModule):
         return self.edit_weight * edit_loss + self.locality_weight * locality_kl
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if self.edits_per_step == "batch":
+            out = self.edit_losses(batch)
+        else:
+            singles = [self.edit_losses(single_request(batch, row)) for row in range(len(batch["case_id"]))]
+            out = {
+                name: torch.cat([single[name] for single in singles]) if name in PER_EDIT else torch.stack([single[name] for single in singles]).mean()
+                for name in singles[0]
+            }
+        out["loss"] = self.combine(out["loss_edit"], out["loss_locality"])
+        return out
+
+    def edit_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """One update made from all of ``batch``'s edits, and its scores: per-edit successes and
+        locality, the mean edit NLL (``loss_edit``, per part ``loss_edit_<part>``) and the
+        locality KL (``loss_locality``)."""
         n = len(batch["case_id"])
         params = edited_params(self.base, self.updates(batch))
         out: dict[str, torch.Tensor] = {}
@@ -230,6 +301,6 @@ class WeightEditModule(EditorModule):
             before, _, loc_rows = answer_logits(self.base, loc)
         after, _, _ = answer_logits(self.base, loc, params)
         kl = F.kl_div(F.log_softmax(after.float(), -1), F.log_softmax(before.float(), -1), log_target=True, reduction="batchmean")
-        edit_loss = torch.stack(losses).mean()
-        out.update(loss=self.combine(edit_loss, kl), loss_edit=edit_loss, loss_locality=kl, locality=answer_accuracy(after.detach(), before.argmax(-1), loc_rows, n))
+        out.update(loss_edit=torch.stack(losses).mean(), loss_locality=kl, locality=answer_accuracy(after.detach(), before.argmax(-1), loc_rows, n))
         return out
+

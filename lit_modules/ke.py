@@ -38,6 +38,8 @@ class KEModule(WeightEditModule):
             code starts from 1e-3.
         multiplier_init: initial Lagrange multiplier lambda of the KL constraint.
         multiplier_lr: dual-ascent step size of lambda (per training step, times the violation C - m).
+        edits_per_step, export_dir: see :class:`lit_modules.base.WeightEditModule` (with single
+            edits the Lagrangian is taken at the batch's mean losses, one dual-ascent step per batch).
     """
 
     editor_name = "ke"
@@ -51,8 +53,10 @@ class KEModule(WeightEditModule):
         margin: float = 1.0e-3,
         multiplier_init: float = 1.0,
         multiplier_lr: float = 1.0,
+        edits_per_step: str = "single",
+        export_dir: str | None = None,
     ) -> None:
-        super().__init__(model, editor, lr)
+        super().__init__(model, editor, lr, edits_per_step=edits_per_step, export_dir=export_dir)
         if margin < 0 or multiplier_init < 0 or multiplier_lr < 0:
             raise ValueError("margin, multiplier_init and multiplier_lr must be non-negative")
         self.margin = margin

@@ -9,10 +9,17 @@ passed to ``torch.func.functional_call``, so only the network receives gradients
 model is never modified. (This replaces the ``higher`` library of the original code: MEND's
 inner step is a closed-form update, not an optimiser loop, so nothing needs to be unrolled, and
 ``functional_call`` swaps a few tensors without monkey-patching or copying modules.)
+
+As in MEND's code, each inner update holds one edit (``edits_per_step: single``), and the factors'
+standardisation statistics keep being updated while training. Before the first step they are
+gathered on ``warmup_edits`` training edits (a deviation: the reference starts from its first
+batch), so the network learns from the first step on standardised factors, and the untrained,
+warmed network (``--trainer.max_steps 0``) is a fair baseline.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -23,10 +30,17 @@ from editors.mend import MENDConfig
 
 from .base import WeightEditModule
 
+logger = logging.getLogger(__name__)
+
 
 class MENDModule(WeightEditModule):
     """Args: see :class:`lit_modules.base.WeightEditModule`; ``edit_weight`` is MEND's c_edit,
-    ``lr_lr`` the learning rate of the per-module step sizes (MEND trains them separately)."""
+    ``lr_lr`` the learning rate of the per-module step sizes (MEND trains them separately),
+    ``warmup_edits`` the number of training edits whose factors are gathered into the
+    standardisation statistics before the first step (MEND's code starts from the statistics of
+    the first training batch instead; a network trained without them would first learn on
+    unstandardised factors). ``--trainer.max_steps 0`` makes just the warm-up and exports the
+    untrained, warmed network: the baseline the trained one is compared with."""
 
     editor_name = "mend"
 
@@ -38,9 +52,40 @@ class MENDModule(WeightEditModule):
         lr_lr: float = 1.0e-3,
         edit_weight: float = 1.0,
         locality_weight: float = 1.0,
+        edits_per_step: str = "single",
+        warmup_edits: int = 200,
+        export_dir: str | None = None,
     ) -> None:
-        super().__init__(model, editor, lr, edit_weight, locality_weight)
+        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir)
+        if warmup_edits < 0:
+            raise ValueError(f"warmup_edits must be non-negative, got {warmup_edits}")
         self.lr_lr = lr_lr
+        self.warmup_edits = warmup_edits
+
+    def on_fit_start(self) -> None:
+        # A resumed run has its statistics back from the checkpoint already.
+        if self.warmup_edits > 0 and self.net.observed() == 0:
+            self.warm_up()
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Gather the factors' statistics of the first ``warmup_edits`` training edits (in the
+        training order); returns how many edits were seen."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
+            logger.warning("no datamodule to warm up MEND's statistics from; they are gathered during training only")
+            return 0
+        seen = 0
+        for batch in datamodule.train_dataloader():
+            take = min(len(batch["case_id"]), self.warmup_edits - seen)
+            edit = {key: value[:take].to(self.device) for key, value in batch["edit"].items()}
+            _, pieces = gradient_pieces(self.base, edit, self.net.module_names)
+            self.net.observe(pieces)
+            seen += take
+            if seen >= self.warmup_edits:
+                break
+        logger.info("MEND statistics warmed up on %d training edits (%d tokens per module)", seen, self.net.observed())
+        return seen
 
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         _, pieces = gradient_pieces(self.base, batch["edit"], self.net.module_names)

@@ -3,6 +3,8 @@
 # Each editor is trained with its quick config on zsRE's 1k training split (timed), then scored
 # on the first LIMIT records of zsRE's GPT-4 portability evaluation file, which training never
 # sees, with the trained network and with the same network untrained. Prints one table.
+# MEND's untrained network is the one its training starts from: factor statistics warmed up on
+# training edits, no step (train.py with --trainer.max_steps 0).
 #   bash scripts/bench_learned.sh [METHODS...]        (default: mend ke serac; LIMIT=200)
 # Runs already finished are not repeated (training resumes from its last checkpoint, evaluation
 # from its cases.jsonl).
@@ -22,8 +24,15 @@ for m in $methods; do
     python train.py fit --config "configs/$m/zsre-quick.yaml" "${ckpt[@]}" > "$out/train_$m.log" 2>&1
     echo "$(( $(date +%s) - start ))" > "$out/train_$m.seconds"
   fi
+  untrained=()
+  if [ "$m" = mend ]; then  # the only editor with a warm-up
+    warmed=runs/train/$m-zsre-warmed
+    [ -f "$warmed/editor.safetensors" ] || python train.py fit --config "configs/$m/zsre-quick.yaml" --trainer.max_steps 0 \
+      --model.export_dir "$warmed" > "$out/warmup_$m.log" 2>&1
+    untrained=(--editor.checkpoint "$warmed")
+  fi
   for kind in untrained trained; do
-    extra=()
+    extra=("${untrained[@]}")
     [ "$kind" = trained ] && extra=(--editor.checkpoint "$trained")
     python edit.py --editor "$m" "${extra[@]}" --data "$data" --limit "$limit" --eval.fluency false --progress false \
       --out "$out/${m}_$kind" > "$out/${m}_$kind.log" 2>&1

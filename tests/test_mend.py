@@ -22,7 +22,9 @@ from editors.learned import (
     read_checkpoint,
 )
 from editors.mend import MENDConfig
+from editors.mend.network import nonzero_pieces
 from editors.targets import is_transposed, weight_as_out_in
+from lit_modules.base import single_request
 from lit_modules.mend import MENDModule
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -87,8 +89,59 @@ def test_functional_edit_equals_editing_the_weights(tiny_model, tokenizer):
     assert torch.allclose(functional, direct, atol=1e-5)
 
 
-def test_untrained_mend_is_one_gradient_step(tiny_model, tokenizer, request_factory):
-    """At initialisation the transform is the identity: the edit is -alpha * dL/dW."""
+def _standardised(stats, x: torch.Tensor) -> torch.Tensor:
+    mean, std = stats.moments(torch.float32)
+    return (x - mean) / std
+
+
+def test_transform_outputs_the_standardised_factors_at_initialisation(tiny_model, tokenizer, request_factory):
+    """At initialisation g is the identity on standardised factors: the edit is the standardised
+    step -alpha sum_i delta~_i u~_i^T (MEND's code), with each module's own statistics."""
+    config = MENDConfig(roles=["mlp_in", "mlp_out"], layers=[-2, -1], rank=8, n_hidden=2, edit_lr_init=0.5)
+    editor = get_editor("mend")()
+    net = editor.network(tiny_model, tokenizer, config)
+    modules = net.module_names
+    _, warm = gradient_pieces(tiny_model, pair_batch(tokenizer, PAIRS, "cpu"), modules)
+    net.observe(warm)
+    assert net.observed() > 0
+
+    request = request_factory(target_new="Paris")
+    _, pieces = gradient_pieces(tiny_model, pair_batch(tokenizer, [(request.prompt, request.target_new)], "cpu"), modules)
+    factors = net.factors(pieces)
+    edit = editor.apply(tiny_model, tokenizer, [request], config)
+    edit.revert(tiny_model)
+    for index, name in enumerate(modules):
+        u, delta = nonzero_pieces(pieces[name])
+        assert 0 < u.shape[0] < pieces[name].inputs.shape[0]  # the last token has no gradient and is skipped
+        u_std, delta_std = _standardised(net.u_stats[index], u), _standardised(net.delta_stats[index], delta)
+        left, right = factors[name]
+        assert torch.allclose(right, u_std, atol=1e-5)  # the transform's output is its input
+        assert torch.allclose(left, -0.5 * delta_std.T, atol=1e-5)
+        got = edit.deltas[f"{name}.weight"].dense()
+        if is_transposed(tiny_model.get_submodule(name)):
+            got = got.T
+        assert torch.allclose(got, -0.5 * delta_std.T @ u_std, atol=1e-5, rtol=1e-4), name
+        assert edit.deltas[f"{name}.weight"].rank == u.shape[0]  # stored as factors
+
+
+def test_statistics_are_kept_per_module(tiny_model, tokenizer):
+    """Modules of one shape share a transform but not their statistics."""
+    config = MENDConfig(roles=["mlp_in"], layers=[-2, -1], rank=8, n_hidden=1)
+    net = get_editor("mend")().build_network(tiny_model, tokenizer, config)
+    first, second = net.module_names
+    assert net.shape_of[first] == net.shape_of[second] and len(net.transforms) == 1
+    _, pieces = gradient_pieces(tiny_model, pair_batch(tokenizer, PAIRS, "cpu"), net.module_names)
+    net.observe(pieces)
+    for index, name in enumerate(net.module_names):
+        u, delta = nonzero_pieces(pieces[name])
+        assert int(net.u_stats[index].count) == u.shape[0]
+        assert torch.allclose(net.u_stats[index].mean.float(), u.mean(0), atol=1e-5)
+        assert torch.allclose(net.delta_stats[index].moments(torch.float32)[1], delta.std(0), rtol=1e-3, atol=1e-12)
+    assert not torch.allclose(net.u_stats[0].mean, net.u_stats[1].mean)
+
+
+def test_untrained_network_without_statistics_is_a_gradient_step(tiny_model, tokenizer, request_factory):
+    """Before any statistics the standardisation is the identity: -alpha * dL/dW."""
     request = request_factory(target_new="Paris")
     config = MENDConfig(roles=["mlp_in", "mlp_out"], layers=[-1], edit_lr_init=0.5)
     modules = edited_modules(tiny_model, config.roles, config.layers)
@@ -100,7 +153,6 @@ def test_untrained_mend_is_one_gradient_step(tiny_model, tokenizer, request_fact
         if is_transposed(tiny_model.get_submodule(name)):
             got = got.T
         assert torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
-        assert edit.deltas[f"{name}.weight"].rank == pieces[name].inputs.shape[0]  # stored as factors
 
 
 def _datamodule(path, tokenizer, **kwargs):
@@ -113,6 +165,93 @@ def test_fast_dev_run(tiny_model, tokenizer, zsre_file, tmp_path):
     trainer.fit(module, datamodule=_datamodule(zsre_file, tokenizer))
     assert trainer.state.finished
     assert "train/loss" in trainer.callback_metrics and "val/edit_success" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("edits_per_step, sizes", [("single", [1, 1]), ("batch", [2])])
+def test_one_edit_per_inner_update(tiny_model, tokenizer, zsre_file, tmp_path, edits_per_step, sizes):
+    """With single edits every request of a batch gets its own update from the unedited weights
+    (the edit.py protocol); with batch edits the batch makes one update."""
+    module = MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), edits_per_step=edits_per_step, warmup_edits=2)
+    seen: list[int] = []
+    updates = module.updates
+    module.updates = lambda batch: seen.append(len(batch["case_id"])) or updates(batch)
+    trainer = Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=_datamodule(zsre_file, tokenizer))
+    assert seen == sizes + sizes  # one training and one validation batch of two requests
+    assert int(module.net.observed()) > 0  # the statistics were warmed up before the first step
+
+
+def test_single_edit_scores_equal_editing_each_request_alone(tiny_model, tokenizer, zsre_file):
+    """A batch's single-edit scores are those of each request edited alone (padding removed)."""
+    module = MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1, edit_lr_init=3.0))
+    module.configure_model()
+    module.eval()
+    data = _datamodule(zsre_file, tokenizer)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    together = module.step(batch)
+    alone = [module.edit_losses(single_request(batch, row)) for row in range(2)]
+    for name in ("edit_success", "rephrase_success", "locality"):
+        assert torch.allclose(together[name], torch.cat([a[name] for a in alone]), atol=1e-6), name
+    assert torch.allclose(together["loss_edit"], (alone[0]["loss_edit"] + alone[1]["loss_edit"]) / 2, atol=1e-5)
+    assert together["edit_success"].shape == (2,)
+
+
+def test_warm_up_only_exports_the_untrained_warmed_network(tiny_model, tokenizer, zsre_file, tmp_path):
+    """``max_steps=0``: the statistics of the first ``warmup_edits`` training edits, no step."""
+    config = MENDConfig(layers=[-1], rank=8, n_hidden=1)
+    module = MENDModule(tiny_model, config, warmup_edits=3, export_dir=str(tmp_path / "warmed"))
+    trainer = Trainer(max_steps=0, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    data = _datamodule(zsre_file, tokenizer)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+    net = get_editor("mend")().network(tiny_model, tokenizer, MENDConfig(layers=[-1], rank=8, n_hidden=1, checkpoint=str(tmp_path / "warmed")))
+    expected = get_editor("mend")().build_network(tiny_model, tokenizer, config)
+    first = [single_request(batch, row) for batch in data.train_dataloader() for row in range(len(batch["case_id"]))][:3]
+    for request in first:
+        expected.observe(gradient_pieces(tiny_model, request["edit"], expected.module_names)[1])
+    stats = [key for key in expected.state_dict() if "_stats." in key]
+    assert stats and net.observed() > 0
+    for key in stats:  # the same statistics
+        assert torch.allclose(net.state_dict()[key], expected.state_dict()[key]), key
+    for name, value in net.named_parameters():  # and the untrained network
+        assert torch.equal(value, module.net.state_dict()[name]), name
+    assert net.edit_lrs() == pytest.approx([config.edit_lr_init] * len(net.module_names))
+    assert all(float(layer.up.weight.abs().sum()) == 0 for layer in net.transforms[0].layers)
+
+
+def test_the_best_validation_network_is_exported(tiny_model, tokenizer, zsre_file, tmp_path):
+    """With a ModelCheckpoint monitoring a validation metric, ``editor/`` holds the best
+    checkpoint's network, not the last step's, and ``max_time`` stops the run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class FirstIsBest(MENDModule):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.log("val/first", float(self.global_step))  # lowest at the first validation
+
+    module = FirstIsBest(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), lr=1.0e-2, lr_lr=0.3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/first", mode="min")
+    resumable = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=0, save_last=True)
+    trainer = Trainer(
+        max_steps=6, val_check_interval=1, check_val_every_n_epoch=None, accelerator="cpu", logger=False, callbacks=[resumable, checkpoint],
+        enable_progress_bar=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=_datamodule(zsre_file, tokenizer))
+    best, _, _ = read_checkpoint(checkpoint.best_model_path)
+    last, _, _ = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    exported, _, _ = read_checkpoint(tmp_path / "editor")
+    assert "step=1" in checkpoint.best_model_path and torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert any(not torch.equal(best[key], last[key]) for key in best)
+    for key, value in best.items():
+        assert torch.equal(exported[key], value), key
+        assert torch.equal(module.net.state_dict()[key], value), key
+
+    timed = MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), export_dir=str(tmp_path / "timed"))
+    trainer = Trainer(max_time={"seconds": 1}, max_steps=100_000, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(timed, datamodule=_datamodule(zsre_file, tokenizer))
+    assert 0 < trainer.global_step < 100_000 and (tmp_path / "timed" / "editor.safetensors").is_file()
 
 
 def _edit_success(model, tokenizer, requests, config) -> float:
@@ -251,4 +390,4 @@ def test_ddp_on_two_cpu_processes(tokenizer, zsre_file, tmp_path):
     )
     trainer.fit(module, datamodule=EditDataModule(str(zsre_file), tokenizer=tokenizer, batch_size=1, val_fraction=0.0))
     net = get_editor("mend")().network(module.base, tokenizer, MENDConfig(layers=[-1], rank=8, n_hidden=1, checkpoint=str(tmp_path / "editor")))
-    assert not torch.allclose(net.log_lr, torch.full_like(net.log_lr, float(torch.tensor(1.0e-2).log()))), "nothing was trained"
+    assert not torch.allclose(net.log_lr, torch.full_like(net.log_lr, float(torch.tensor(MENDConfig().edit_lr_init).log()))), "nothing was trained"

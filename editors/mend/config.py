@@ -15,7 +15,10 @@ class MENDConfig(LearnedConfig):
     layers: list[int] = field(default_factory=lambda: [-3, -2, -1], metadata={"help": "edited blocks; negative indices count from the top"})
     rank: int = field(default=256, metadata={"help": "hidden width of each residual layer of the gradient transform (MEND uses 1920 for large models)"})
     n_hidden: int = field(default=2, metadata={"help": "residual layers in the gradient transform"})
-    edit_lr_init: float = field(default=1.0e-2, metadata={"help": "initial per-module edit step size alpha (learned during training)"})
+    # On standardised factors; measured on 25 held-out zsRE training edits with SmolLM2-135M and
+    # warmed statistics: 4e-4 0.86/0.79/0.96, 8e-4 0.95/0.94/0.95, 1.6e-3 0.96/0.96/0.87
+    # (reliability / generalization / locality of the untrained network).
+    edit_lr_init: float = field(default=8.0e-4, metadata={"help": "initial per-module edit step size alpha on standardised factors (learned during training)"})
     targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
 
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ("roles", "layers", "rank", "n_hidden", "targets")
