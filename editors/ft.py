@@ -112,6 +112,11 @@ class FineTune(Editor):
 
         try:
             steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
+        except BaseException:  # training changes the weights in place: put them back before failing
+            with torch.no_grad():
+                for name, original in originals.items():
+                    params[name].copy_(original)
+            raise
         finally:
             for n, p in params.items():
                 p.requires_grad_(previous_grad[n])

@@ -59,9 +59,26 @@ logger = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
-FATAL_ERRORS: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError)
-"""Errors that stop the run rather than fail one case: they say the machine, not the case, is at
-fault, and a rerun with more memory (or a smaller batch) would succeed."""
+
+
+class ModelLeftChangedError(RuntimeError):
+    """An editor failed and left the model other than it found it (weights or hooks): no later
+    case could be trusted, so the run stops (what it recorded is kept)."""
+
+
+FATAL_ERRORS: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError, ModelLeftChangedError)
+"""Errors that stop the run rather than fail one case: they say the machine (or a model an editor
+left damaged), not the case, is at fault; a rerun with more memory (or a smaller batch) would
+succeed."""
+
+
+def model_state(model: torch.nn.Module) -> tuple[str, int]:
+    """What a failed edit must leave as it was: the weights' fingerprint (a strided sample of
+    every parameter, about 25 ms for a 135M-parameter model) and the number of forward hooks."""
+    from editors.stats import model_fingerprint
+
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return model_fingerprint(model), hooks
 
 
 class EditorSetupError(RuntimeError):
@@ -249,13 +266,20 @@ class EditRun:
         group's rewrites). Returns the applied edits, seconds per request and peak memory."""
         calls = [requests] if self.editor.supports_batch or len(requests) == 1 else [[r] for r in requests]
         edits: list[Edit] = []
+        before = model_state(self.model)
         try:
             with measure(self.device) as cost:
                 for call in calls:
                     edits.append(self.editor.apply(self.model, self.tokenizer, call, self.editor_config))
-        except BaseException:
+        except BaseException as error:
             for edit in reversed(edits):
                 edit.revert(self.model)
+            if not isinstance(error, FATAL_ERRORS) and model_state(self.model) != before:
+                cases = ", ".join(r.case_id for r in requests)
+                raise ModelLeftChangedError(
+                    f"{self.editor.name} failed on case {cases} ({type(error).__name__}: {error}) and left the model changed; "
+                    f"the run stops here (finished cases are kept in {self.cases_path})"
+                ) from error
             raise
         return edits, cost.seconds / len(requests), cost.peak_memory_mb
 

@@ -220,3 +220,34 @@ def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, 
     assert records["1"]["failed"] == {"stage": "pre", "error": "ValueError", "message": "bad probe"}
     assert records["0"]["failed"]["stage"] == "pre" and "case 1 of its group 'hop' failed: bad probe" in records["0"]["failed"]["message"]
     assert "failed" not in records["2"] and editor.calls == 1 and summary["failed_case_ids"] == ["0", "1"]
+
+
+def test_fine_tuning_that_fails_midway_leaves_the_weights_as_found(tiny_model, tokenizer, request_factory, monkeypatch):
+    import editors.ft as ft
+
+    def broken(model, batch, optimizer, *args):
+        optimizer.param_groups[0]["params"][0].data.add_(1.0)  # a training step happened
+        raise RuntimeError("diverged")
+
+    monkeypatch.setattr(ft, "minimise_target_nll", broken)
+    before = _params(tiny_model)
+    with pytest.raises(RuntimeError, match="diverged"):
+        get_editor("ft_m")().apply(tiny_model, tokenizer, [request_factory()], get_editor("ft_m").config_class(**FT))
+    assert _unchanged(tiny_model, before)
+
+
+@pytest.mark.parametrize("damage", ["weights", "hook"])
+def test_an_editor_that_fails_and_leaves_the_model_changed_stops_the_run(damage, tiny_model, tokenizer, request_factory, tmp_path):
+    def fail_second(model, requests):
+        if requests[0].case_id != "1":
+            return None
+        if damage == "weights":
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+        else:
+            model.register_forward_hook(lambda *args: None)
+        raise RuntimeError("broke halfway")
+
+    with pytest.raises(runner.ModelLeftChangedError, match="case 1 .*broke halfway"):
+        _run(tiny_model, tokenizer, _requests(request_factory), tmp_path / "run", editor=_Wrapped(get_editor("ft_m")(), fail_second))
+    assert [r["case_id"] for r in read_jsonl(tmp_path / "run" / "cases.jsonl")] == ["0"]  # the finished case is kept
