@@ -26,7 +26,7 @@ from datamodules.records import (
     requests_to_dataset,
     validate_records,
 )
-from datamodules.sources import SOURCES, ensure_downloaded, resolve_source, source_path
+from datamodules.sources import SOURCES, SourceError, ensure_downloaded, resolve_source, source_path
 from editors.base import QA, EditRequest
 
 
@@ -253,17 +253,24 @@ def test_full_set_is_downloaded_from_the_mquake_repository(tmp_path, monkeypatch
     entry = SOURCES["mquake"]
     assert entry.format == "mquake" and entry.filename == "MQuAKE-CF-3k.json"
     assert entry.url == "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json"
-    assert entry.sha256 is None  # no published checksum: the download's digest is logged
-    # the download path, served from a local file
+    assert entry.sha256 is None and entry.git_blob  # no published SHA-256: verified by the blob id the repository lists
+    # the download path, served from a local file (whose content is not the real file's: no blob id)
     origin = write_json(tmp_path / "origin.json", [mquake_record(1)])
-    served = dataclasses.replace(entry, url=origin.as_uri())
+    served = dataclasses.replace(entry, url=origin.as_uri(), git_blob=None)
     with caplog.at_level(logging.WARNING, logger="datamodules.sources"):
         path = ensure_downloaded(served, directory=tmp_path / "cache")
     assert path == tmp_path / "cache" / "MQuAKE-CF-3k.json" and "no checksum is recorded" in caplog.text
-    # a cached copy is what the name reads
+    # a cached copy is what the name reads, once it has the repository's blob id
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "root"))
     cached = tmp_path / "root" / "data" / entry.filename
     cached.parent.mkdir(parents=True)
     cached.write_bytes(path.read_bytes())
+    with pytest.raises(SourceError, match="not downloaded yet"):  # not the file the repository lists
+        resolve_source("mquake", download=False)
+    from types import MappingProxyType
+
+    import datamodules.sources as sources
+
+    monkeypatch.setattr(sources, "SOURCES", MappingProxyType({**sources.SOURCES, "mquake": dataclasses.replace(entry, git_blob=sources.git_blob_of(cached))}))
     assert resolve_source("mquake", download=False) == (cached, "mquake")
     assert [r.case_id for r in load_requests("mquake")] == ["1/0", "1/1"]
