@@ -300,18 +300,27 @@ class EditRun:
                 lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
                 pre = {}
                 for request in batch:
-                    try:
-                        pre[request.case_id] = measure_case(self.model, self.tokenizer, request, self.eval)
-                    except FATAL_ERRORS:
-                        raise
-                    except Exception as error:
-                        lines[request.case_id] = _error_failure(request, "pre", error)
+                    raw, failure = self._measure(request, "pre")
+                    if failure is None:
+                        pre[request.case_id] = raw
+                    else:
+                        lines[request.case_id] = failure
                 ready = _fail_groups(batch, lines)
                 if ready:
                     self._edit_and_score(ready, pre, lines, recorded)
                 for request in batch:
                     writer.write(lines[request.case_id])
                 bar.update(len(batch))
+
+    def _measure(self, request: EditRequest, stage: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``(measurements, None)``, or ``(None, the case's failed line)`` when measuring raises
+        anything but a fatal error (those stop the run)."""
+        try:
+            return measure_case(self.model, self.tokenizer, request, self.eval), None
+        except FATAL_ERRORS:
+            raise
+        except Exception as error:
+            return None, _error_failure(request, stage, error)
 
     def _edit_and_score(self, ready: list[EditRequest], pre: dict[str, Any], lines: dict[str, dict[str, Any]], recorded: set[int]) -> None:
         """Edit ``ready`` in one unit, score each request after editing, and revert, whatever
@@ -327,12 +336,9 @@ class EditRun:
         try:
             scored = []
             for request in ready:
-                try:
-                    post = measure_case(self.model, self.tokenizer, request, self.eval)
-                except FATAL_ERRORS:
-                    raise
-                except Exception as error:
-                    lines[request.case_id] = _error_failure(request, "post", error)
+                post, failure = self._measure(request, "post")
+                if failure is not None:
+                    lines[request.case_id] = failure
                     continue
                 lines[request.case_id] = _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
                 scored.append(lines[request.case_id])
@@ -358,14 +364,12 @@ class EditRun:
             with self._bar(len(todo), "pre-edit scores") as bar:
                 for request in todo:
                     if request.case_id not in pre:
-                        try:
-                            pre[request.case_id] = measure_case(self.model, self.tokenizer, request, self.eval)
-                        except FATAL_ERRORS:
-                            raise
-                        except Exception as error:
-                            failed[request.case_id] = _error_failure(request, "pre", error)
+                        raw, failure = self._measure(request, "pre")
+                        if failure is not None:
+                            failed[request.case_id] = failure
                         else:
-                            pre_writer.write({"case_id": request.case_id, "raw": pre[request.case_id]})
+                            pre[request.case_id] = raw
+                            pre_writer.write({"case_id": request.case_id, "raw": raw})
                     bar.update()
         finally:
             pre_writer.close()
@@ -423,12 +427,9 @@ class EditRun:
             scoring = [r for r in todo if r.case_id not in failed]
             with self._bar(len(scoring), "post-edit scores") as bar:
                 for request in scoring:
-                    try:
-                        post = measure_case(self.model, self.tokenizer, request, self.eval)
-                    except FATAL_ERRORS:
-                        raise
-                    except Exception as error:
-                        writer.write(_error_failure(request, "post", error))
+                    post, failure = self._measure(request, "post")
+                    if failure is not None:
+                        writer.write(failure)
                     else:
                         seconds, memory = costs.get(request.case_id, (None, None))
                         writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=len(edited), edit_index=order[request.case_id]))
