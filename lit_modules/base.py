@@ -39,7 +39,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from editors import get_editor
-from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, model_signature, network_meta, read_checkpoint, save_network
+from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, gradient_pieces, model_signature, network_meta, read_checkpoint, save_network
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +253,45 @@ class WeightEditModule(EditorModule):
         locality_weight: float = 1.0,
         edits_per_step: str = "single",
         export_dir: str | None = None,
+        warmup_edits: int = 0,
     ) -> None:
         super().__init__(model, editor, lr, export_dir)
         if edits_per_step not in EDITS_PER_STEP:
             raise ValueError(f"edits_per_step must be one of {EDITS_PER_STEP}, got {edits_per_step!r}")
+        if warmup_edits < 0:
+            raise ValueError(f"warmup_edits must be non-negative, got {warmup_edits}")
         self.edit_weight = edit_weight
         self.locality_weight = locality_weight
         self.edits_per_step = edits_per_step
+        self.warmup_edits = warmup_edits
+
+    # -- statistics warm-up (networks that standardise the gradient's factors: MEND, KE) ---------
+    def on_fit_start(self) -> None:
+        # A resumed run has its statistics back from the checkpoint already.
+        if self.warmup_edits > 0 and hasattr(self.net, "observe") and self.net.observed() == 0:
+            self.warm_up()
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Gather the network's factor statistics (``net.observe``) on the first ``warmup_edits``
+        training edits, in the training order, before the first step; returns how many edits were
+        seen. With ``--trainer.max_steps 0`` this is all a run does, and the exported network is
+        the untrained, warmed baseline the trained one is compared with."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
+            logger.warning("no datamodule to warm up %s's statistics from; they are gathered during training only", self.editor_name)
+            return 0
+        seen = 0
+        for batch in datamodule.train_dataloader():
+            take = min(len(batch["case_id"]), self.warmup_edits - seen)
+            edit = {key: value[:take].to(self.device) for key, value in batch["edit"].items()}
+            _, pieces = gradient_pieces(self.base, edit, self.net.module_names)
+            self.net.observe(pieces)
+            seen += take
+            if seen >= self.warmup_edits:
+                break
+        logger.info("%s statistics warmed up on %d training edits (%d tokens per module)", self.editor_name, seen, self.net.observed())
+        return seen
 
     @abstractmethod
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

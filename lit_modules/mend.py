@@ -19,7 +19,6 @@ warmed network (``--trainer.max_steps 0``) is a fair baseline.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import torch
@@ -29,8 +28,6 @@ from editors.learned import gradient_pieces
 from editors.mend import MENDConfig
 
 from .base import WeightEditModule
-
-logger = logging.getLogger(__name__)
 
 
 class MENDModule(WeightEditModule):
@@ -56,36 +53,8 @@ class MENDModule(WeightEditModule):
         warmup_edits: int = 200,
         export_dir: str | None = None,
     ) -> None:
-        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir)
-        if warmup_edits < 0:
-            raise ValueError(f"warmup_edits must be non-negative, got {warmup_edits}")
+        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir, warmup_edits)
         self.lr_lr = lr_lr
-        self.warmup_edits = warmup_edits
-
-    def on_fit_start(self) -> None:
-        # A resumed run has its statistics back from the checkpoint already.
-        if self.warmup_edits > 0 and self.net.observed() == 0:
-            self.warm_up()
-
-    @torch.no_grad()
-    def warm_up(self) -> int:
-        """Gather the factors' statistics of the first ``warmup_edits`` training edits (in the
-        training order); returns how many edits were seen."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
-            logger.warning("no datamodule to warm up MEND's statistics from; they are gathered during training only")
-            return 0
-        seen = 0
-        for batch in datamodule.train_dataloader():
-            take = min(len(batch["case_id"]), self.warmup_edits - seen)
-            edit = {key: value[:take].to(self.device) for key, value in batch["edit"].items()}
-            _, pieces = gradient_pieces(self.base, edit, self.net.module_names)
-            self.net.observe(pieces)
-            seen += take
-            if seen >= self.warmup_edits:
-                break
-        logger.info("MEND statistics warmed up on %d training edits (%d tokens per module)", seen, self.net.observed())
-        return seen
 
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         _, pieces = gradient_pieces(self.base, batch["edit"], self.net.module_names)

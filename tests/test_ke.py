@@ -103,7 +103,7 @@ def test_update_is_low_rank_and_matches_the_dense_formula(tiny_model, tokenizer,
 def test_untrained_network_makes_a_gradient_descent_step(tiny_model, tokenizer, request_factory):
     tiny_model.requires_grad_(False)
     request = request_factory(target_new="Paris")
-    config = KEConfig()
+    config = KEConfig(step_size=0.1)  # no statistics yet: the standardisation is the identity
     grads = _true_gradients(tiny_model, request_batches(tokenizer, [request], "cpu"), get_editor("ke")().network_modules(tiny_model, config))
     loss_before = _edit_loss(tiny_model, tokenizer, [request])
     edit = get_editor("ke")().apply(tiny_model, tokenizer, [request], config)
@@ -154,9 +154,11 @@ def test_fast_dev_run(tiny_model, tokenizer, tmp_path):
     for key in ("train/loss", "train/edit_success", "train/rephrase_success", "train/locality", "train/loss_locality", "train/multiplier", "val/edit_success"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert any(h.out.weight.detach().abs().sum() > 0 for h in module.net.heads.values()), "no optimiser step reached the network"
-    # One training step, one step of dual ascent: lambda = max(0, 1 + multiplier_lr * (KL - margin)).
+    # One training step, one Adam ascent step on lambda: +multiplier_lr if KL > margin, else -multiplier_lr.
     kl = float(metrics["train/loss_locality"])
-    assert kl > 0 and float(module.multiplier) == pytest.approx(max(0.0, 1.0 + (kl - 1e-4)), rel=1e-5)
+    direction = 1.0 if kl > 1e-4 else -1.0
+    assert kl > 0 and float(module.multiplier.detach()) == pytest.approx(1.0 + direction * module.multiplier_lr, rel=1e-4)
+    assert module.net.observed() > 0  # the statistics were warmed up before the step
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)  # the frozen model stays out; network and multiplier go in
     assert "multiplier" in checkpoint["state_dict"] and any(k.startswith("net.") for k in checkpoint["state_dict"])
@@ -164,20 +166,46 @@ def test_fast_dev_run(tiny_model, tokenizer, tmp_path):
     assert checkpoint["factedit"]["editor"] == "ke"
 
 
-def test_dual_ascent_on_the_multiplier(tokenizer):
-    module = KEModule(model=build_gpt2(len(tokenizer)), editor=KEConfig(**SMALL), margin=0.1, multiplier_init=0.5, multiplier_lr=2.0)
+def test_dual_ascent_on_the_multiplier_and_margin_annealing(tokenizer):
+    module = KEModule(model=build_gpt2(len(tokenizer)), editor=KEConfig(**SMALL), margin=0.1, margin_min=0.05, multiplier_init=0.5, multiplier_lr=0.2)
+    module.configure_model()
     module.train()
-    loss = module.combine(torch.tensor(1.0), torch.tensor(0.3))
-    assert float(loss) == pytest.approx(1.0 + 0.5 * (0.3 - 0.1))  # Lagrangian at the old multiplier
-    assert float(module.multiplier) == pytest.approx(0.5 + 2.0 * 0.2)  # constraint violated: lambda grows
-    module.combine(torch.tensor(1.0), torch.tensor(0.0))
-    assert float(module.multiplier) == pytest.approx(0.7)  # satisfied: lambda shrinks
-    for _ in range(10):
-        module.combine(torch.tensor(1.0), torch.tensor(0.0))
-    assert float(module.multiplier) == 0.0  # and stays non-negative
-    module.eval()
-    module.combine(torch.tensor(1.0), torch.tensor(5.0))
-    assert float(module.multiplier) == 0.0  # validation never updates it
+    optimiser = module.configure_optimizers()
+
+    def step(kl: float) -> float:
+        optimiser.zero_grad()
+        loss = module.combine(torch.tensor(1.0), torch.tensor(kl))
+        loss.backward()
+        optimiser.step()
+        module.on_train_batch_end(None, None, 0)
+        return float(loss)
+
+    assert step(0.3) == pytest.approx(1.0 + 0.5 * (0.3 - 0.1))  # the Lagrangian at the current multiplier
+    assert float(module.multiplier) == pytest.approx(0.5 + 0.2, rel=1e-4)  # violated: an ascent step of about lr
+    for _ in range(3):
+        step(0.3)
+    grown = float(module.multiplier)
+    assert grown > 0.7
+    for _ in range(15):
+        step(0.0)  # satisfied: lambda falls (once Adam's momentum has turned)
+    assert float(module.multiplier.detach()) < grown
+    for _ in range(40):
+        step(0.0)
+    assert float(module.multiplier.detach()) == 0.0  # and stays non-negative
+
+    # The margin tightens (x0.8, not below margin_min) only after validations whose edits succeed.
+    def validate(success: float) -> float:
+        module.val_edit_success.update(torch.full((4,), success))
+        module.on_validation_epoch_end()
+        return float(module.margin)
+
+    module._trainer = type("T", (), {"sanity_checking": False})()
+    assert validate(0.5) == pytest.approx(0.1)
+    assert validate(0.95) == pytest.approx(0.08)
+    assert validate(0.95) == pytest.approx(0.064)
+    assert validate(1.0) == pytest.approx(0.0512)
+    assert validate(1.0) == pytest.approx(0.05)  # margin_min
+    assert validate(1.0) == pytest.approx(0.05)
 
 
 def _edit_success(model, tokenizer, config, requests) -> float:
@@ -259,4 +287,4 @@ def test_training_configs_build(name, tmp_path, monkeypatch):
     cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     assert isinstance(cli.model, KEModule) and cli.model.config == KEConfig(step_size=cli.model.config.step_size)
     assert cli.model.config.architecture() == KEConfig().architecture()  # --editor.checkpoint alone loads the result
-    assert cli.trainer.checkpoint_callback.save_last
+    assert any(callback.save_last for callback in cli.trainer.checkpoint_callbacks)  # --ckpt_path last resumes

@@ -22,13 +22,19 @@ class KEConfig(LearnedConfig):
     lstm_hidden: int = field(default=128, metadata={"help": "hidden size of each direction of the condition encoder's bidirectional LSTM"})
     condition_dim: int = field(default=256, metadata={"help": "size of the condition vector c"})
     head_hidden: int = field(default=128, metadata={"help": "hidden size of each edited weight's FFNN head (alpha, beta, gamma, delta, eta)"})
+    standardise: bool = field(
+        default=True,
+        metadata={"help": "read the gradient's factors centred and whitened by statistics of training edits (false: the paper's raw gradient)"},
+    )
+    # On standardised factors, the step MEND's measurements found best for the untrained network
+    # (see MENDConfig.edit_lr_init); for the raw gradient the paper's code uses 1e-3 to 1e-1.
     step_size: float = field(
-        default=1.0e-1,
+        default=8.0e-4,
         metadata={"help": "scale s of the update s*sigma(eta)*(...); the untrained network makes the gradient step W - s*grad"},
     )
 
     # step_size is listed too: a trained network's outputs are calibrated to the scale it was trained with.
-    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("roles", "layers", "lstm_hidden", "condition_dim", "head_hidden", "step_size")
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("roles", "layers", "lstm_hidden", "condition_dim", "head_hidden", "standardise", "step_size")
 
     def __post_init__(self) -> None:
         if not self.roles or not self.layers:

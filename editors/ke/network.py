@@ -18,6 +18,16 @@ fine-tuning gradient of each edited weight W into an update:
   Hadamard product stays low-rank: (a g^T) ⊙ (d u^T) = (a ⊙ d)(g ⊙ u)^T. An update is returned as
   factors ``left [out, n_tokens + 1] @ right [n_tokens + 1, in]`` and never built densely here.
 
+**Standardised gradient** (a deviation): the pieces ``(u_i, d_i)`` are centred and divided by running
+per-module statistics of training edits' factors before they enter the update equation, as MEND's
+transform reads them (:class:`editors.mend.network.RunningStandardizer`; tokens without gradient
+are left out). The paper's network reads the raw gradient, which on SmolLM2-135M is a poor edit
+direction: with no network at all, single zsRE edits of the last three MLPs reached reliability
+0.46 / locality 0.91 with a raw step of 0.01 and 0.61 / 0.36 with 0.1, but 0.98 / 0.95 with one
+standardised step of 8e-4. Trained from the raw gradient, KE could only learn to shrink its step
+(0.776 / 0.385 untrained at s = 0.1, 0.361 / 0.992 after 100 steps). Without statistics (nothing
+observed yet) the standardisation is the identity. ``standardise: false`` restores the paper's input.
+
 **Initialisation** (ours, not the paper's): every head's output layer starts with
 zero weights and biases that put sigma(alpha) = sigma(beta) = sigma(eta) = 1/2 (the middle of the
 gates' range, where they are most trainable and can still grow or close), gamma = -4 and
@@ -35,6 +45,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..learned import GradientPieces, gradient_pieces
+from ..mend.network import RunningStandardizer
 from .config import KEConfig
 
 GAMMA_INIT = -4.0  # with sigma(alpha) = sigma(eta) = 1/2: the untrained update is -s * grad
@@ -113,10 +124,50 @@ class KENetwork(nn.Module):
         self.heads = nn.ModuleDict(
             {_key(name): WeightHead(config.condition_dim, config.head_hidden, out, inp) for name, (out, inp) in module_shapes.items()}
         )
+        self.standardise = config.standardise
+        if self.standardise:
+            self.u_stats = nn.ModuleList(RunningStandardizer(module_shapes[name][1]) for name in self.module_names)
+            self.grad_stats = nn.ModuleList(RunningStandardizer(module_shapes[name][0]) for name in self.module_names)
+
+    @torch.no_grad()
+    def observe(self, pieces: Mapping[str, GradientPieces]) -> None:
+        """Add the factors of some edits' tokens that carry a gradient to each module's statistics."""
+        if not self.standardise:
+            return
+        for index, name in enumerate(self.module_names):
+            keep = _has_gradient(pieces[name])
+            self.u_stats[index].update(pieces[name].inputs[keep])
+            self.grad_stats[index].update(pieces[name].grads[keep])
+
+    def observed(self) -> int:
+        """The fewest tokens any module's statistics have seen (0: none gathered, or not standardising)."""
+        return int(min(stats.count.item() for stats in self.u_stats)) if self.standardise else 0
+
+    def standardised(self, pieces: Mapping[str, GradientPieces]) -> dict[str, GradientPieces]:
+        """The pieces centred and whitened by each module's statistics (updated first in training
+        mode), with the tokens that carry no gradient set to zero so that they add nothing."""
+        if not self.standardise:
+            return dict(pieces)
+        if self.training:
+            self.observe(pieces)
+        out = {}
+        for index, name in enumerate(self.module_names):
+            piece = pieces[name]
+            keep = _has_gradient(piece).unsqueeze(-1).to(piece.inputs.dtype)
+            u_mean, u_std = self.u_stats[index].moments(piece.inputs.dtype)
+            g_mean, g_std = self.grad_stats[index].moments(piece.grads.dtype)
+            out[name] = GradientPieces(inputs=keep * (piece.inputs - u_mean) / u_std, grads=keep * (piece.grads - g_mean) / g_std)
+        return out
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, pieces: Mapping[str, GradientPieces], rows: torch.Tensor) -> dict[str, LowRankUpdate]:
         c = self.encoder(embeds, mask)
+        pieces = self.standardised(pieces)
         return {name: self.heads[_key(name)](c, pieces[name], rows, self.step_size) for name in self.module_names}
+
+
+def _has_gradient(piece: GradientPieces) -> torch.Tensor:
+    """Tokens whose input and output gradient are both non-zero (the last token predicts nothing)."""
+    return (piece.inputs != 0).any(-1) & (piece.grads != 0).any(-1)
 
 
 def _key(module_name: str) -> str:
