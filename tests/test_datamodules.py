@@ -15,14 +15,19 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 import datamodules
+from lightning.fabric.utilities.data import _set_sampler_epoch
+
 from datamodules.edit_datamodule import (
     IGNORE_INDEX,
     PARTS,
     CounterFactDataModule,
     EditDataModule,
+    EpochShuffle,
     ZsREDataModule,
     join_prompt_target,
+    prompt_template,
     split_indices,
+    template_ids,
 )
 from datamodules.records import load_requests
 from datamodules.sources import (
@@ -314,6 +319,96 @@ def test_bad_settings_are_refused(tokenizer, kwargs, match):
 def test_dataloader_before_setup(tokenizer):
     with pytest.raises(RuntimeError, match="setup"):
         EditDataModule("x.json", tokenizer=tokenizer).train_dataloader()
+
+
+# Grouped training batches (hard negatives for SERAC's scope classifier)
+
+TEMPLATES = ["The mother tongue of {} is", "{} is located in", "{} plays the", "The capital of {} is"]
+
+
+@pytest.fixture
+def templated_file(tmp_path: Path) -> Path:
+    """24 CounterFact records, 6 per template, in the file interleaved across templates."""
+    records = []
+    for i in range(24):
+        record = counterfact_record(i)
+        record["requested_rewrite"]["prompt"] = TEMPLATES[i % len(TEMPLATES)]
+        records.append(record)
+    path = tmp_path / "templated.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def epoch_batches(module: EditDataModule, epoch: int) -> list[list[str]]:
+    loader = module.train_dataloader()
+    _set_sampler_epoch(loader, epoch)  # what Lightning's fit loop calls at each epoch
+    return [batch["case_id"] for batch in loader]
+
+
+def test_prompt_templates_replace_the_subject(request_factory):
+    request = request_factory()
+    assert prompt_template(request) == "The mother tongue of {} is"
+    stray = types.SimpleNamespace(prompt="Who is it?", subject="Danielle Darrieux")  # EditRequest refuses it
+    assert prompt_template(stray) is None
+    # the same template shares a group; each request without one has a group of its own
+    assert template_ids([request, stray, request_factory("2"), stray]) == [0, 1, 0, 2]
+
+
+def test_template_batches_cover_every_request_once_per_epoch(templated_file, tokenizer):
+    module = make_module(templated_file, tokenizer, batch_size=5, val_fraction=0.25, group_by="template")
+    train_ids = sorted(r.case_id for r in module.train_requests)
+    assert len(train_ids) == 18
+    for epoch in range(3):
+        batches = epoch_batches(module, epoch)
+        assert sorted(sum(batches, [])) == train_ids
+        assert sorted(len(b) for b in batches) == [3, 5, 5, 5]  # not drop_last: one short batch
+    assert module.val_dataloader().batch_sampler.batch_size == 5  # validation is not grouped
+
+
+def test_template_batches_follow_seed_and_epoch(templated_file, tokenizer):
+    module = make_module(templated_file, tokenizer, batch_size=3, val_fraction=0.0, group_by="template")
+    first = epoch_batches(module, 0)
+    assert epoch_batches(module, 0) == first
+    assert epoch_batches(module, 1) != first
+    assert epoch_batches(make_module(templated_file, tokenizer, batch_size=3, val_fraction=0.0, group_by="template", seed=1), 0) != first
+
+
+def test_template_batches_are_pure_when_templates_fill_whole_batches(templated_file, tokenizer, caplog):
+    with caplog.at_level(logging.INFO, logger="datamodules.edit_datamodule"):
+        module = make_module(templated_file, tokenizer, batch_size=3, val_fraction=0.0, group_by="template")
+    assert "4 prompt templates among 24 training requests" in caplog.text
+    assert "share the edit's template 100.0% of the time" in caplog.text
+    template_of = {r.case_id: prompt_template(r) for r in module.train_requests}
+    for epoch in range(3):
+        batches = epoch_batches(module, epoch)
+        assert len(batches) == 8 and all(len({template_of[c] for c in batch}) == 1 for batch in batches)
+        # the batches of one template are spread over the epoch, not consecutive
+        assert epoch > 0 or [template_of[b[0]] for b in batches] != sorted(template_of[b[0]] for b in batches)
+
+
+def test_a_resumed_run_sees_the_same_template_batches(templated_file, tokenizer):
+    settings = dict(batch_size=4, val_fraction=0.25, group_by="template", seed=3)
+    run = make_module(templated_file, tokenizer, **settings)
+    uninterrupted = [epoch_batches(run, epoch) for epoch in range(3)]
+    resumed = make_module(templated_file, tokenizer, **settings)  # a new process, starting at epoch 2
+    assert epoch_batches(resumed, 2) == uninterrupted[2]
+
+
+def test_unknown_group_by_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="group_by must be one of None, 'template'"):
+        EditDataModule("x.json", tokenizer=tokenizer, group_by="relation")
+    assert CounterFactDataModule(tokenizer=tokenizer, group_by="template").group_by == "template"
+    assert ZsREDataModule(tokenizer=tokenizer, group_by="template").hparams["group_by"] == "template"
+
+
+def test_default_training_order_is_the_epoch_shuffle(templated_file, tokenizer):
+    module = make_module(templated_file, tokenizer, batch_size=5, val_fraction=0.25, seed=2)
+    ids = [r.case_id for r in module.train_requests]
+    for epoch in (0, 1):
+        shuffle = EpochShuffle(len(ids), seed=2)
+        shuffle.set_epoch(epoch)
+        expected = [ids[i] for i in shuffle]
+        assert epoch_batches(module, epoch) == [expected[s : s + 5] for s in range(0, len(ids), 5)]
 
 
 def test_mquake_is_verified_by_its_git_blob_id():
