@@ -14,7 +14,7 @@ from conftest import build_gpt2, build_llama
 from datamodules.edit_datamodule import EditDataModule
 from editors import get_editor
 from editors.ke import KEConfig, predict_updates
-from editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, request_batches, save_network
+from editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
 from editors.targets import get_module, get_parameter_name, is_transposed
 from lit_modules.ke import KEModule
 
@@ -114,6 +114,48 @@ def test_untrained_network_makes_a_gradient_descent_step(tiny_model, tokenizer, 
         assert torch.allclose(dense, step, rtol=1e-4, atol=1e-6 * step.abs().max()), name
     assert edit.info["loss_before"] == pytest.approx(loss_before, rel=1e-5)
     assert _edit_loss(tiny_model, tokenizer, [request]) < loss_before - 1e-3
+
+
+def test_untrained_network_makes_the_standardised_step_once_statistics_are_warmed(tiny_model, tokenizer, request_factory, tmp_path):
+    """With statistics, the untrained update is -s * sum_i d~_i u~_i^T over the tokens that carry a
+    gradient (centred and whitened by each module's statistics), and an exported network carries
+    its statistics to edit.py."""
+    tiny_model.requires_grad_(False)
+    config = KEConfig(step_size=0.05, **SMALL)
+    editor = get_editor("ke")()
+    net = editor.network(tiny_model, tokenizer, config)
+    facts = [("The capital of Italy is", "Italy", "Rome"), ("Angola is located in", "Angola", "Africa"), ("Michel Rocard speaks", "Michel Rocard", "French")]
+    warm = [request_factory(str(i), prompt=p, subject=subject, target_new=t) for i, (p, subject, t) in enumerate(facts)]
+    _, pieces = gradient_pieces(tiny_model, request_batches(tokenizer, warm, "cpu"), net.module_names)
+    net.observe(pieces)
+    assert net.observed() > 0
+    net.eval()
+
+    request = request_factory(target_new="Paris")
+    batch = request_batches(tokenizer, [request], "cpu")
+    _, pieces = gradient_pieces(tiny_model, batch, net.module_names)
+    with torch.no_grad():
+        _, updates = predict_updates(net, tiny_model, batch)
+    for index, name in enumerate(net.module_names):
+        piece = pieces[name]
+        keep = (piece.inputs != 0).any(-1) & (piece.grads != 0).any(-1)
+        assert 0 < int(keep.sum()) < len(keep)  # the last token has no gradient
+        u_mean, u_std = net.u_stats[index].moments(torch.float32)
+        g_mean, g_std = net.grad_stats[index].moments(torch.float32)
+        u, g = (piece.inputs[keep] - u_mean) / u_std, (piece.grads[keep] - g_mean) / g_std
+        reference = -config.step_size * g.T @ u
+        assert torch.allclose(updates[name].dense(), reference, rtol=1e-4, atol=1e-6 * reference.abs().max()), name
+        raw = -config.step_size * piece.grads.T @ piece.inputs
+        assert not torch.allclose(reference, raw, rtol=1e-2)  # the statistics made a difference
+
+    signature = KEModule(model=tiny_model, editor=config).signature()
+    save_network(net, tmp_path / "ke", "ke", config, signature)
+    edit = editor.apply(tiny_model, tokenizer, [request], KEConfig(checkpoint=str(tmp_path / "ke"), step_size=0.05, **SMALL))
+    edit.revert(tiny_model)
+    for name in net.module_names:
+        got = edit.deltas[get_parameter_name(tiny_model, name)].dense()
+        got = got.T if is_transposed(get_module(tiny_model, name)) else got
+        assert torch.allclose(got, updates[name].dense(), rtol=1e-4, atol=1e-7), name
 
 
 # --------------------------------------------------------------------------------------------
