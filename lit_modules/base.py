@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +229,7 @@ class WeightEditModule(EditorModule):
 
     with the KL taken over the locality answer positions (MEND, eq. 4-5, with the rephrase as
     the edit-generalisation input). ``edit_parts`` names the parts whose NLL is the edit loss
-    (their mean); success is reported for both. Subclasses implement :meth:`updates` and may
+    (their mean; a class default, or the ``edit_parts`` argument); success is reported for both. Subclasses implement :meth:`updates` and may
     override :meth:`combine` and ``edit_parts``.
 
     ``edits_per_step`` says what one inner update holds:
@@ -254,10 +254,15 @@ class WeightEditModule(EditorModule):
         edits_per_step: str = "single",
         export_dir: str | None = None,
         warmup_edits: int = 0,
+        edit_parts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(model, editor, lr, export_dir)
         if edits_per_step not in EDITS_PER_STEP:
             raise ValueError(f"edits_per_step must be one of {EDITS_PER_STEP}, got {edits_per_step!r}")
+        if edit_parts is not None:
+            if not edit_parts or not set(edit_parts) <= {"edit", "rephrase"}:
+                raise ValueError(f"edit_parts must name one or both of 'edit' and 'rephrase', got {list(edit_parts)!r}")
+            self.edit_parts = tuple(edit_parts)
         if warmup_edits < 0:
             raise ValueError(f"warmup_edits must be non-negative, got {warmup_edits}")
         self.edit_weight = edit_weight

@@ -37,7 +37,9 @@ class MENDModule(WeightEditModule):
     standardisation statistics before the first step (MEND's code starts from the statistics of
     the first training batch instead; a network trained without them would first learn on
     unstandardised factors). ``--trainer.max_steps 0`` makes just the warm-up and exports the
-    untrained, warmed network: the baseline the trained one is compared with."""
+    untrained, warmed network: the baseline the trained one is compared with. ``edit_parts``
+    (default ``["rephrase"]``, MEND's x_e') names the inputs whose NLL after the edit is the edit
+    loss; ``["edit"]`` trains on the edit prompt itself (see ``configs/mend/counterfact-quick.yaml``)."""
 
     editor_name = "mend"
 
@@ -52,8 +54,9 @@ class MENDModule(WeightEditModule):
         edits_per_step: str = "single",
         warmup_edits: int = 200,
         export_dir: str | None = None,
+        edit_parts: list[str] | None = None,
     ) -> None:
-        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir, warmup_edits)
+        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir, warmup_edits, edit_parts)
         self.lr_lr = lr_lr
 
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -197,6 +197,22 @@ def test_single_edit_scores_equal_editing_each_request_alone(tiny_model, tokeniz
     assert together["edit_success"].shape == (2,)
 
 
+@pytest.mark.parametrize("parts", [["edit"], ["rephrase"], ["edit", "rephrase"]])
+def test_edit_parts_choose_the_edit_loss(tiny_model, tokenizer, zsre_file, parts):
+    """The edit loss is the mean NLL after the edit of the parts named (the rephrase by default)."""
+    module = MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1, edit_lr_init=3.0), edit_parts=parts)
+    module.configure_model()
+    module.eval()
+    data = _datamodule(zsre_file, tokenizer)
+    data.setup("fit")
+    out = module.edit_losses(single_request(next(iter(data.train_dataloader())), 0))
+    assert sorted(k for k in out if k.startswith("loss_edit_")) == sorted(f"loss_edit_{p}" for p in parts)
+    assert torch.allclose(out["loss_edit"], torch.stack([out[f"loss_edit_{p}"] for p in parts]).mean())
+    assert out["loss_edit"].requires_grad  # differentiable in the network
+    with pytest.raises(ValueError, match="edit_parts"):
+        MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), edit_parts=["locality"])
+
+
 def test_warm_up_only_exports_the_untrained_warmed_network(tiny_model, tokenizer, zsre_file, tmp_path):
     """``max_steps=0``: the statistics of the first ``warmup_edits`` training edits, no step."""
     config = MENDConfig(layers=[-1], rank=8, n_hidden=1)
