@@ -4,21 +4,19 @@ tiny random models."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from conftest import build_gpt2, build_llama
-from datamodules.edit_datamodule import EditDataModule
 from editors import get_editor
 from editors.enn import ENNConfig
 from editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
 from editors.targets import get_module, get_parameter_name, is_transposed
 from lit_modules.enn import ENNModule
+from test_ke import _data, _trainer  # the same six tiny facts and quiet trainer
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -118,28 +116,6 @@ def test_outer_gradient_reaches_the_weights_and_the_step_sizes(tokenizer, reques
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-FACTS = [  # (subject, prompt, rephrase, new target, locality prompt, its answer): tokenizer-corpus words
-    ("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "Danielle Darrieux speaks", "English", "The capital of Italy is", "Rome"),
-    ("France", "The capital of France is", "France has the capital", "Rome", "Angola is located in", "Africa"),
-    ("Eiffel Tower", "The Eiffel Tower is located in the city of", "The Eiffel Tower is in", "Africa", "The capital of France is", "Paris"),
-    ("Toko Yasuda", "Toko Yasuda plays the", "Toko Yasuda is playing the", "French", "Michel Rocard speaks", "French"),
-    ("Angola", "Angola is located in", "Angola is a country in", "Antarctica", "The mother tongue of Danielle Darrieux is", "French"),
-    ("Michel Rocard", "Michel Rocard speaks", "The mother tongue of Michel Rocard is", "Paris", "Antarctica is a", "continent"),
-]
-
-
-def _data(tmp_path: Path, tokenizer, batch_size: int, val_fraction: float) -> EditDataModule:
-    records = [{"subject": s, "src": p, "rephrase": r, "alt": a, "answers": ["old"], "loc": lp, "loc_ans": la} for s, p, r, a, lp, la in FACTS]
-    path = tmp_path / "edits.json"
-    path.write_text(json.dumps(records))
-    return EditDataModule(str(path), tokenizer=tokenizer, batch_size=batch_size, val_fraction=val_fraction, seed=0)
-
-
-def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return Trainer(accelerator="cpu", default_root_dir=tmp_path, **quiet, **kwargs)
-
 
 def test_fast_dev_run(tiny_model, tokenizer, tmp_path):
     module = ENNModule(model=tiny_model, editor=ENNConfig(layers=[-1]), lr=1e-3, lr_lr=1e-1)

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..learned import GradientPieces, gradient_pieces
-from ..mend.network import RunningStandardizer
+from ..mend.network import RunningStandardizer, has_gradient
 from .config import KEConfig
 
 GAMMA_INIT = -4.0  # with sigma(alpha) = sigma(eta) = 1/2: the untrained update is -s * grad
@@ -135,7 +135,7 @@ class KENetwork(nn.Module):
         if not self.standardise:
             return
         for index, name in enumerate(self.module_names):
-            keep = _has_gradient(pieces[name])
+            keep = has_gradient(pieces[name])
             self.u_stats[index].update(pieces[name].inputs[keep])
             self.grad_stats[index].update(pieces[name].grads[keep])
 
@@ -153,7 +153,7 @@ class KENetwork(nn.Module):
         out = {}
         for index, name in enumerate(self.module_names):
             piece = pieces[name]
-            keep = _has_gradient(piece).unsqueeze(-1).to(piece.inputs.dtype)
+            keep = has_gradient(piece).unsqueeze(-1).to(piece.inputs.dtype)
             u_mean, u_std = self.u_stats[index].moments(piece.inputs.dtype)
             g_mean, g_std = self.grad_stats[index].moments(piece.grads.dtype)
             out[name] = GradientPieces(inputs=keep * (piece.inputs - u_mean) / u_std, grads=keep * (piece.grads - g_mean) / g_std)
@@ -164,10 +164,6 @@ class KENetwork(nn.Module):
         pieces = self.standardised(pieces)
         return {name: self.heads[_key(name)](c, pieces[name], rows, self.step_size) for name in self.module_names}
 
-
-def _has_gradient(piece: GradientPieces) -> torch.Tensor:
-    """Tokens whose input and output gradient are both non-zero (the last token predicts nothing)."""
-    return (piece.inputs != 0).any(-1) & (piece.grads != 0).any(-1)
 
 
 def _key(module_name: str) -> str:

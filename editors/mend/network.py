@@ -74,11 +74,16 @@ class RunningStandardizer(nn.Module):
         return self.mean.to(dtype), std.to(dtype)
 
 
+def has_gradient(piece: GradientPieces) -> torch.Tensor:
+    """``[n_tokens]`` mask of the tokens whose input and output gradient are both non-zero."""
+    return (piece.inputs != 0).any(-1) & (piece.grads != 0).any(-1)
+
+
 def nonzero_pieces(piece: GradientPieces) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, delta)`` of the tokens whose input and output gradient are both non-zero. A token
     with no gradient (the last one, which predicts nothing) adds nothing to the true gradient,
     but its centred factor would; MEND's code skips such tokens in its statistics and its edit."""
-    keep = (piece.inputs != 0).any(-1) & (piece.grads != 0).any(-1)
+    keep = has_gradient(piece)
     return piece.inputs[keep], piece.grads[keep]
 
 
