@@ -169,10 +169,14 @@ class EditorModule(LightningModule):
             self.net.load_state_dict(tensors)
         return best
 
+    def finalize(self) -> None:
+        """Adjust the best network before it is exported (the default does nothing)."""
+
     def on_fit_end(self) -> None:
         if self.trainer.fast_dev_run:
             return
         self.load_best()
+        self.finalize()
         directory = self.export_dir()  # on every process: trainer.log_dir is a collective call
         if self.trainer.is_global_zero:
             path = self.export(directory)

@@ -333,6 +333,60 @@ def test_training_batch_holds_hard_negatives(tokenizer, data_file):
     assert (labels[of_b, a] == 0).all() and (labels[of_b, b] == 1).all()
 
 
+@pytest.mark.parametrize("bound", [0.0, 0.25, 0.5])
+def test_calibration_raises_the_threshold_to_the_false_positive_bound(tokenizer, data_file, bound):
+    """With a threshold that routes everything, calibration on held-out batches leaves at most
+    ``bound`` of the locality positions routed, exactly at the cosine the bound allows, and
+    keeps the edit prompts (which match their own key) routed."""
+    model = build_llama(len(tokenizer))
+    module = SERACModule(model=model, editor=SERACConfig(**TINY, init_threshold=-1.0), scope_false_positive=bound)
+    module.configure_model()
+    data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=4, val_fraction=0.5, seed=0)
+    data.setup("fit")
+    with torch.no_grad():
+        cosines = [module.scope_cosines(batch) for batch in data.val_dataloader()]
+    negatives = torch.cat([c["locality"] for c in cosines]).sort(descending=True).values
+    assert float(negatives[-1]) > -1.0  # everything is routed before calibration
+    report = module.calibrate_threshold(data.val_dataloader())
+    threshold = module.net.threshold.item()
+    assert threshold == pytest.approx(float(negatives[int(bound * len(negatives))]))
+    assert float((negatives > threshold).float().mean()) <= bound
+    assert report["learned_threshold"] == -1.0 and report["routed_before"]["locality"] == 1.0
+    assert report["routed_after"]["locality"] <= bound and report["positions"]["locality"] == len(negatives)
+    own = torch.cat([c["edit"] for c in cosines])
+    assert torch.allclose(own, torch.ones_like(own), atol=1e-5)  # an edit prompt is its own key
+
+
+def test_calibration_never_lowers_a_strict_threshold(tokenizer, data_file):
+    model = build_llama(len(tokenizer))
+    module = SERACModule(model=model, editor=SERACConfig(**TINY, init_threshold=0.9999), scope_false_positive=0.5)
+    module.configure_model()
+    data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=4, val_fraction=0.5, seed=0)
+    data.setup("fit")
+    report = module.calibrate_threshold(data.val_dataloader())
+    assert float(module.net.threshold) == pytest.approx(0.9999) and report["threshold"] == report["learned_threshold"]
+    off = SERACModule(model=model, editor=SERACConfig(**TINY), scope_false_positive=None)
+    off.configure_model()
+    assert off.calibrate_threshold(data.val_dataloader()) is None
+    with pytest.raises(ValueError, match="scope_false_positive"):
+        SERACModule(model=model, editor=SERACConfig(**TINY), scope_false_positive=1.0)
+
+
+def test_fit_exports_the_calibrated_threshold(tokenizer, data_file, tmp_path):
+    """The exported network carries the calibrated threshold and the report in its metadata."""
+    model = build_llama(len(tokenizer))
+    module = SERACModule(model=model, editor=SERACConfig(**TINY, init_threshold=-1.0), scope_false_positive=0.0)
+    data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=4, val_fraction=0.5, seed=0)
+    quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False, num_sanity_val_steps=0).fit(module, data)
+    meta = json.loads((tmp_path / "editor" / "editor.json").read_text())
+    assert meta["scope_calibration"]["threshold"] > -1.0
+    assert meta["scope_calibration"]["routed_after"]["locality"] == 0.0
+    fresh = build_llama(len(tokenizer))
+    edit = SERAC().apply(fresh, tokenizer, fact_requests()[:1], SERACConfig(**TINY, checkpoint=str(tmp_path / "editor")))
+    assert float(EditMemory.of(fresh).network.threshold) == pytest.approx(meta["scope_calibration"]["threshold"])
+    edit.revert(fresh)
+
+
 def scores(model, tokenizer, requests, settings) -> dict[str, float]:
     """Per-request editing: first-token accuracy on the prompt and rephrase, locality agreement."""
     hits = {"edit": 0, "rephrase": 0, "locality": 0}
