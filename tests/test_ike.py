@@ -101,3 +101,29 @@ def test_builtin_pool_is_used(tiny_model, tokenizer, request_factory):
     edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], IKEConfig(k=2))
     assert edit.info["demonstrations"] == 3
     edit.revert(tiny_model)
+
+
+def test_context_is_encoded_once_and_again_after_a_weight_change(tiny_model, tokenizer, request_factory):
+    """Scoring passes embed only their own tokens (the context's keys and values are reused), the
+    context is encoded once for any number of passes, and an in-place weight change re-encodes it."""
+    seen: list[tuple[int, ...]] = []
+    handle = tiny_model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config())
+    c = len(_context(edit))
+    batch = collate_pairs([encode_pair(tokenizer, "The capital of Italy is", "Rome")] * 3, tokenizer.pad_token_id)
+    try:
+        seen.clear()
+        with torch.no_grad():
+            first = logits_at(tiny_model, batch)
+            again = logits_at(tiny_model, batch)
+        assert seen == [(1, c), tuple(batch.input_ids.shape), tuple(batch.input_ids.shape)]
+        assert torch.equal(first, again)
+        seen.clear()
+        with torch.no_grad():
+            tiny_model.get_input_embeddings().weight.mul_(1.5)
+            changed = logits_at(tiny_model, batch)
+            tiny_model.get_input_embeddings().weight.div_(1.5)
+        assert seen == [(1, c), tuple(batch.input_ids.shape)] and not torch.allclose(changed, first)
+    finally:
+        handle.remove()
+        edit.revert(tiny_model)
