@@ -74,7 +74,7 @@ def build_parser(editor_name: str) -> ArgumentParser:
         editor_cls = get_editor(editor_name)
     except KeyError as err:
         raise SystemExit(f"edit.py: error: {err.args[0]}")
-    parser = ArgumentParser(prog="edit.py", description="Apply a knowledge editor to a model and score the edits.", env_prefix="FACTEDIT", default_env=False)
+    parser = ArgumentParser(prog="edit.py", description="Apply a knowledge editor to a model and score the edits. 'edit.py compare RUN_DIR... --out DIR' compares finished runs of any mode (see 'edit.py compare --help').", env_prefix="FACTEDIT", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these settings")
     parser.add_argument("--editor.name", type=str, default=DEFAULT_EDITOR, help=f"editing method: {', '.join(available_editors())}")
     parser.add_class_arguments(editor_cls.config_class, "editor", help=f"settings of {editor_name}")

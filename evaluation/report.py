@@ -28,6 +28,40 @@ ROWS = (
     ("gen_portability_contains", "portability: greedy answer contains an accepted answer"),
 )
 
+LABELS = {
+    "reliability": "Reliability",
+    "generalization": "Generalization",
+    "locality": "Locality",
+    "portability": "Portability",
+    "es": "Efficacy (ES)",
+    "ps": "Paraphrase (PS)",
+    "ns": "Neighborhood (NS)",
+    "score": "Score (S)",
+    "em": "Efficacy magn. (EM)",
+    "pm": "Paraphrase magn. (PM)",
+    "nm": "Neighborhood magn. (NM)",
+    "fluency": "Fluency",
+    "gen_reliability_em": "Gen. reliability (exact)",
+    "gen_reliability_contains": "Gen. reliability (contains)",
+    "gen_generalization_em": "Gen. generalization (exact)",
+    "gen_generalization_contains": "Gen. generalization (contains)",
+    "gen_portability_em": "Gen. portability (exact)",
+    "gen_portability_contains": "Gen. portability (contains)",
+    "seconds_per_edit": "Seconds / edit",
+    "peak_memory_mb": "Peak memory (MB)",
+}
+"""A name for each key of :data:`ROWS` (and of the costs) fit for a table or a figure in a paper."""
+
+
+def label_of(key: str) -> str:
+    """The readable name of a score key (:data:`LABELS`); per-kind portability keys read
+    ``Portability (multi hop)``, other keys their words capitalised."""
+    if key in LABELS:
+        return LABELS[key]
+    if key.startswith(PORTABILITY_KIND_PREFIX):
+        return f"Portability ({key.removeprefix(PORTABILITY_KIND_PREFIX).replace('_', ' ')})"
+    return key.replace("_", " ").capitalize()
+
 
 FAILED_IDS_SHOWN = 10
 """Failed case ids listed under the table; the rest are in summary.json."""

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from editors.base import Edit, Editor, EditorConfig, EditRequest
 from editors.lm import model_device
 
+from .compare.scores import case_values, standard_error
 from .distributed import current_shard
 from .efficiency import measure
 from .run_dir import JsonlWriter, RunDir, read_jsonl
@@ -500,6 +501,8 @@ class EditRun:
         for record in records:
             metrics.update(record)
         retention = {k: v for k, v in metrics.summary().items() if not k.startswith("pre_") and "seconds" not in k and "memory" not in k}
+        values = case_values(records)  # per-case scores, for the standard error of each retention score
+        errors = {k: standard_error(values[k]) for k in retention if k in values}
         general: dict[str, Any] = {}
         general_seconds = 0.0
         cached = False
@@ -523,6 +526,8 @@ class EditRun:
             "edits": edits,
             **extra,
             "retention": retention,
+            "retention_stderr": {k: v for k, v in errors.items() if v is not None},
+            "retention_n": {k: len(values[k]) for k in retention if k in values},
             "general": general,
             "general_seconds": round(general_seconds, 3),
             **({"general_cached": True} if cached else {}),
@@ -575,7 +580,7 @@ class EditRun:
         budgets = {}
         if checkpoints[0]["edits"] == 0 and checkpoints[0].get("general"):
             out["edit_budget"] = budgets[run.label] = compare.edit_budget(checkpoints, threshold=self.budget_threshold)
-        compare.plot_runs([run], self.dir.curves, threshold=self.budget_threshold)
+        compare.plot_runs([run], self.dir.curves, threshold=self.budget_threshold, metrics=compare.retention_keys([run]), width=compare.DOUBLE_COLUMN)
         self.dir.checkpoints_md.write_text(compare.markdown_table([run], budgets))
         compare.write_tensorboard(checkpoints, self.dir.tensorboard)
         return out

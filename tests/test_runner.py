@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -263,6 +264,11 @@ def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_f
     assert lines[-1]["retention"]["reliability"] == summary["metrics"]["reliability"]
     records = read_jsonl(tmp_path / "cases.jsonl")
     assert lines[-1]["retention"]["es"] == pytest.approx(sum(r["post"]["scores"]["es"] for r in records) / 3)
+    # each retention score's standard error over the cases scored, for the error bars of the curves
+    reliability = [r["post"]["scores"]["reliability"] for r in records]
+    assert lines[-1]["retention_n"]["reliability"] == 3 and lines[1]["retention_n"]["reliability"] == 1
+    assert lines[-1]["retention_stderr"]["reliability"] == pytest.approx(statistics.stdev(reliability) / 3**0.5)
+    assert "reliability" not in lines[1]["retention_stderr"]  # one case: no standard error
     assert 0 <= lines[1]["retention"]["reliability"] <= 1 and lines[1]["edit_seconds"] <= lines[2]["edit_seconds"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Edit budget" in (tmp_path / "checkpoints.md").read_text()

@@ -1,0 +1,5 @@
+"""``python -m evaluation.compare RUN_DIR... --out DIR``."""
+
+from . import main
+
+raise SystemExit(main())
