@@ -8,13 +8,16 @@ which changes ``model`` in place and returns an :class:`Edit`. The edit remember
 replaced, so ``edit.revert(model)`` restores the weights bit-exactly; ``edit.save(dir)`` writes it
 as safetensors + JSON and ``Edit.load(dir)`` reads it back, to be applied to a fresh copy of the
 same model with ``edit.apply(model)``. A saved edit records the model it was made for
-(:class:`ModelRecord`), and applying it to another refuses unless forced.
+(:class:`ModelRecord`), and applying it to another refuses unless forced; it also records the
+texts of the requests it carries out (:attr:`Edit.requests`, filled in for every editor by
+:class:`Editor`) and the software that made it (:attr:`Edit.provenance`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -125,6 +128,10 @@ class EditRequest:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def texts(self) -> dict[str, str | None]:
+        """What the request asks, as a saved edit records it: its id, prompt, subject and targets."""
+        return {"case_id": self.case_id, "prompt": self.prompt, "subject": self.subject, "target_new": self.target_new, "target_true": self.target_true}
+
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> "EditRequest":
         qa = lambda items: tuple(QA(q["prompt"], q["answer"], tuple(q.get("aliases", ())), q.get("kind", "")) for q in items)
@@ -216,12 +223,15 @@ class ModelRecord:
     carrying edits ``1..k-1``, so its fingerprint is that model's: the saved edits re-apply in
     order onto the same base model, and applying edit ``k`` alone to the base is refused. Only
     the weights count: hooks of memory editors are not part of it. ``shapes`` are those of the
-    parameters the edit changes (none for memory and patch editors).
+    parameters the edit changes (none for memory and patch editors). ``name`` is the model's id
+    as it was given (a hub id, a folder, ``edit.py --model``), for people to read: the same
+    weights may live under another name elsewhere, so it is never compared.
     """
 
     model_type: str
     fingerprint: str
     shapes: dict[str, list[int]]
+    name: str | None = None
 
     @classmethod
     def of(cls, model: torch.nn.Module, param_names: Sequence[str]) -> "ModelRecord":
@@ -229,8 +239,10 @@ class ModelRecord:
 
         params = dict(model.named_parameters())
         shapes = {name: list(params[name].shape) for name in sorted(param_names) if name in params}
-        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        return cls(str(model_type), model_fingerprint(model), shapes)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None) or type(model).__name__
+        name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+        return cls(str(model_type), model_fingerprint(model), shapes, str(name) if name else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,7 +251,8 @@ class ModelRecord:
     def from_dict(cls, row: Any, where: str) -> "ModelRecord":
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("model_type", "fingerprint")) or not isinstance(row.get("shapes"), dict):
             raise EditError(f"{where}: field 'model' must hold model_type, fingerprint and shapes")
-        return cls(row["model_type"], row["fingerprint"], {str(k): [int(n) for n in v] for k, v in row["shapes"].items()})
+        name = row.get("name")  # absent from edits saved before it was recorded
+        return cls(row["model_type"], row["fingerprint"], {str(k): [int(n) for n in v] for k, v in row["shapes"].items()}, name if isinstance(name, str) else None)
 
     def differences(self, other: "ModelRecord") -> list[str]:
         """How ``other`` (the model at hand) differs from this record, worst first."""
@@ -270,7 +283,10 @@ class Edit:
     edit wrote: if a later edit (or the user) changed it since, restoring would silently undo
     that change too, so revert refuses and edits are reverted in the reverse order of applying.
     ``made_for`` records the model of the first application (:class:`ModelRecord`); later
-    applications (of a loaded edit, say) check against it.
+    applications (of a loaded edit, say) check against it. ``requests`` holds the texts of the
+    requests the edit carries out (:meth:`EditRequest.texts`) and ``provenance`` the software
+    that made it and when (:func:`editors.provenance.software`; a run adds its model and data):
+    both are saved with the edit, for people to read, and change nothing it does.
     Subclasses for memory- or code-based editors override :meth:`_apply`, :meth:`_revert`,
     :meth:`_state_tensors` and :meth:`_from_state`, and register themselves with ``kind``.
     """
@@ -291,6 +307,8 @@ class Edit:
         self.config = dict(config or {})
         self.info = dict(info or {})
         self.made_for: ModelRecord | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.provenance: dict[str, Any] = {}
         self._snapshots: dict[str, torch.Tensor] = {}
         self._written: dict[str, torch.Tensor] = {}
         self._applied_to: int | None = None
@@ -415,7 +433,11 @@ class Edit:
         return cls(meta["editor"], deltas, meta.get("case_ids", ()), meta.get("config"), meta.get("info"))
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``edit.json`` (what, by whom, for which cases and model) and ``edit.safetensors``."""
+        """Write ``edit.json`` (what, by whom, for which requests and model, by which software
+        and when) and ``edit.safetensors``. Without a ``provenance`` of its own the edit records
+        the software saving it."""
+        from .provenance import software
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self._state_tensors()
@@ -427,6 +449,8 @@ class Edit:
             "config": self.config,
             "info": self.info,
             "model": self.made_for.to_dict() if self.made_for is not None else None,
+            "requests": self.requests,
+            "provenance": self.provenance or software(),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
         }
         save_file(tensors, str(directory / "edit.safetensors"))
@@ -462,6 +486,12 @@ class Edit:
         edit = _EDIT_KINDS[kind]._from_state(meta, tensors)
         if meta.get("model") is not None:  # absent from edits saved before it was recorded
             edit.made_for = ModelRecord.from_dict(meta["model"], str(meta_path))
+        requests, provenance = meta.get("requests") or [], meta.get("provenance") or {}  # likewise
+        if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+            raise EditError(f"{meta_path}: field 'requests' must be a list of objects")
+        if not isinstance(provenance, dict):
+            raise EditError(f"{meta_path}: field 'provenance' must be an object")
+        edit.requests, edit.provenance = requests, provenance
         return edit
 
     def __repr__(self) -> str:
@@ -507,11 +537,21 @@ class Editor(ABC):
 
     ``supports_batch`` says whether one call may carry several requests that are edited jointly;
     editors that cannot batch receive one request per call and say so in their docs.
+
+    The :class:`Edit` that a subclass's :meth:`apply` returns leaves with the texts of the
+    requests it carries out (:attr:`Edit.requests`): this class records them, once for every
+    editor, around each subclass's ``apply``.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[EditorConfig]]
     supports_batch: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        apply = cls.__dict__.get("apply")
+        if callable(apply) and not getattr(apply, "__isabstractmethod__", False):
+            cls.apply = _recording_requests(apply)  # type: ignore[method-assign]
 
     @abstractmethod
     def apply(self, model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: EditorConfig) -> Edit:
@@ -535,6 +575,20 @@ class Editor(ABC):
             raise ValueError(f"{self.name}: no edit requests given")
         if len(requests) > 1 and not self.supports_batch:
             raise ValueError(f"{self.name} edits one request per call; got {len(requests)} (use --mode single or sequential)")
+
+
+def _recording_requests(apply):
+    """``apply`` that writes the texts of its requests into the edit it returns (unless an
+    ``apply`` it called, a parent class's, already did)."""
+
+    @functools.wraps(apply)
+    def recording(self: Editor, model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: EditorConfig) -> Edit:
+        edit = apply(self, model, tokenizer, requests, config)
+        if isinstance(edit, Edit) and not edit.requests:
+            edit.requests = [request.texts() for request in requests]
+        return edit
+
+    return recording
 
 
 _REGISTRY: dict[str, type[Editor]] = {}

@@ -32,6 +32,7 @@ from .scoring import EvalConfig
 logger = logging.getLogger("edit")
 
 DEFAULT_EDITOR = "ft_m"
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"limit", "overwrite", "progress", "config", "out", "device"}
 
@@ -218,6 +219,12 @@ def _fit_to_model(cfg: Namespace, model, tokenizer, editor, editor_config, eval_
     return requests, skipped
 
 
+def interrupted_message(run: EditRun) -> str:
+    """What a stopped run has kept: the finished cases (and the saved edits of a sequential run)."""
+    kept = f" ({len(run.dir.saved_edits())} edits saved)" if run.mode == "sequential" else ""
+    return f"edit.py: interrupted after {run.cases_done()} of {len(run.requests)} cases{kept}; rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
@@ -271,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 checkpoints=cfg.checkpoints,
                 general=general_config,
                 budget_threshold=cfg.budget_threshold,
+                model_id=cfg.model,
+                data=cfg.data,
             )
         except ValueError as err:
             raise SystemExit(f"edit.py: error: {err}")
@@ -281,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             summary = run.run()
         except EditorSetupError as err:
             raise SystemExit(f"edit.py: error: --editor.*: {err}")
+        except KeyboardInterrupt:
+            if shard.is_main:
+                print(interrupted_message(run), file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
     if not shard.is_main:
         return summary
     title = f"{cfg.editor.name} on {cfg.data} with {cfg.model}"

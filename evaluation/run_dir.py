@@ -13,8 +13,8 @@ of them wrote (``shards/``) was forgotten by the other's reset. Now the layout i
 ``curves.png``         every score against the number of edits
 ``edits/``             sequential mode: the edits made so far, ``000001``, ``000002``, ...
 ``shards/``            sharded runs: one case file per process until they are merged
-``tensorboard/``       TensorBoard scalars
-``summary.json``       the run's scores, recomputed from ``cases.jsonl``
+``tensorboard/``       TensorBoard scalars, written as each case finishes, and the settings
+``summary.json``       the run's scores, recomputed from ``cases.jsonl``, and their provenance
 ``.factedit-run``      the marker: edit.py made this folder (see :meth:`RunDir.owned`)
 ``.factedit-lock``     held with ``flock`` by the run writing here (see :meth:`RunDir.claim`)
 =====================  =================================================================

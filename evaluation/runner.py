@@ -30,26 +30,37 @@ scores the other cases, and the run goes on with the next case (in single and ba
 the model reverted; in sequential mode without that edit, the others staying). A recorded
 failure is finished work: a resumed run does not try it again, ``--overwrite`` or another
 ``--out`` does. Out-of-memory errors and interrupts are not case failures and stop the run.
+
+While the run goes, the progress bar names the stage of the case at hand (``pre-scoring``,
+``editing``, ``post-scoring``, with ``: fluency`` or ``: generation`` during those steps) and
+TensorBoard receives every finished case and the running means (:mod:`evaluation.board`).
+``summary.json`` records where the numbers come from (:mod:`evaluation.provenance`), and so does
+every edit the run saves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from editors.base import Edit, Editor, EditorConfig, EditRequest
 from editors.lm import model_device
+from editors.provenance import utc_now
 
+from .board import RunBoard
 from .compare.scores import case_values, standard_error
 from .distributed import current_shard
 from .efficiency import measure
+from .provenance import run_provenance
 from .run_dir import JsonlWriter, RunDir, read_jsonl
 from .scoring import EvalConfig, RunMetrics, case_scores, measure_case, protocols_of
 
@@ -170,8 +181,29 @@ def _fail_groups(requests: list[EditRequest], failed: dict[str, dict[str, Any]])
     return ready
 
 
+class _Cases:
+    """Where the loop writes finished cases: ``cases.jsonl`` (or a shard's file), and the live
+    TensorBoard view when there is one."""
+
+    def __init__(self, writer: JsonlWriter, board: RunBoard | None) -> None:
+        self.writer, self.board = writer, board
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+        if self.board is not None:
+            self.board.add(record)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class EditRun:
-    """One run: an editor, its config, requests, a mode, and an output folder."""
+    """One run: an editor, its config, requests, a mode, and an output folder.
+
+    ``model_id`` and ``data`` are the model and the data as the user named them (``edit.py
+    --model`` and ``--data``), recorded in ``summary.json`` and in saved edits; without them the
+    run records the name the model was loaded under and no data file.
+    """
 
     def __init__(
         self,
@@ -189,6 +221,8 @@ class EditRun:
         checkpoints: Sequence[int] | None = None,
         general: "GeneralConfig | None" = None,
         budget_threshold: float = 0.1,
+        model_id: str | None = None,
+        data: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -218,6 +252,10 @@ class EditRun:
         self.checkpoints = checkpoint_schedule(len(self.requests), checkpoints)
         self.budget_threshold = budget_threshold
         self.info = dict(info or {})  # extra run facts for summary.json (e.g. skipped records)
+        self.model_id, self.data = model_id, data
+        self.provenance: dict[str, Any] | None = None  # found by run(), on the unedited model
+        self._board: RunBoard | None = None
+        self._bars: list[Any] = []  # the progress bars open now, innermost last
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -225,32 +263,49 @@ class EditRun:
         if self.shard.is_main:
             self._merge_shards()
         self.shard.barrier()  # every process reads the same finished cases before any writes
-        done = {r["case_id"] for r in read_jsonl(self.cases_path)}
+        finished = read_jsonl(self.cases_path)
+        done = {r["case_id"] for r in finished}
         todo = [r for r in self.requests if r.case_id not in done]
         if done:
             logger.info("resuming: %d of %d cases already in %s", len(self.requests) - len(todo), len(self.requests), self.cases_path)
         started = time.perf_counter()
+        self.provenance = run_provenance(self.model, self.model_id, self.data)
         self.shard.barrier()
-        writer = JsonlWriter(self._shard_path() if self.shard.active else self.cases_path)
+        # Scalars as each case finishes; a sharded run's need every process, so it writes them at the end.
+        if not self.shard.active:
+            wanted = {r.case_id for r in self.requests}
+            self._board = RunBoard(self.dir.tensorboard, [r for r in finished if r["case_id"] in wanted])
         try:
-            if todo:
-                # One-time work on the unedited model (key statistics, sampled prefixes), before
-                # a resumed sequential run re-applies its saved edits; timed on its own.
-                with measure(self.device) as cost:
-                    try:
-                        self.editor.prepare(self.model, self.tokenizer, self.editor_config)
-                    except (KeyError, ValueError) as error:
-                        reason = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) adds quotes
-                        raise EditorSetupError(f"{self.editor.name} cannot edit this model as configured: {reason}") from error
-                self.info["prepare_seconds"] = round(cost.seconds, 3)
-                getattr(self, f"_run_{self.mode}")(todo, writer)
+            writer = _Cases(JsonlWriter(self._shard_path() if self.shard.active else self.cases_path), self._board)
+            try:
+                if todo:
+                    # One-time work on the unedited model (key statistics, sampled prefixes), before
+                    # a resumed sequential run re-applies its saved edits; timed on its own.
+                    with measure(self.device) as cost:
+                        try:
+                            self.editor.prepare(self.model, self.tokenizer, self.editor_config)
+                        except (KeyError, ValueError) as error:
+                            reason = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) adds quotes
+                            raise EditorSetupError(f"{self.editor.name} cannot edit this model as configured: {reason}") from error
+                    self.info["prepare_seconds"] = round(cost.seconds, 3)
+                    getattr(self, f"_run_{self.mode}")(todo, writer)
+            finally:
+                writer.close()
+            self.shard.barrier()
+            if self.shard.is_main:
+                self._merge_shards()
+            self.shard.barrier()
+            return self.write_summary(time.perf_counter() - started)
         finally:
-            writer.close()
-        self.shard.barrier()
-        if self.shard.is_main:
-            self._merge_shards()
-        self.shard.barrier()
-        return self.write_summary(time.perf_counter() - started)
+            if self._board is not None:
+                self._board.close()
+                self._board = None
+
+    def cases_done(self) -> int:
+        """How many of the run's cases have their line in ``cases.jsonl`` (or a shard's file) now."""
+        wanted = {r.case_id for r in self.requests}
+        files = [self.cases_path, *sorted(self.dir.shards.glob("cases-*.jsonl"))] if self.dir.shards.is_dir() else [self.cases_path]
+        return len({r["case_id"] for path in files for r in read_jsonl(path)} & wanted)
 
     def _shard_path(self, rank: int | None = None) -> Path:
         return self.dir.shard_cases(self.shard.rank if rank is None else rank)
@@ -259,8 +314,21 @@ class EditRun:
         """Fold the per-process case files of a sharded run into ``cases.jsonl``, in data order."""
         self.dir.merge_shards([r.case_id for r in self.requests])
 
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="case", disable=not self.progress, dynamic_ncols=True)
+    @contextmanager
+    def _bar(self, total: int, desc: str, initial: int = 0) -> Iterator[Any]:
+        """A progress bar over ``total`` cases, ``initial`` of them done before (a resumed run)."""
+        bar = tqdm(total=total, initial=initial, desc=desc, unit="case", disable=not self.progress, dynamic_ncols=True)
+        self._bars.append(bar)
+        try:
+            yield bar
+        finally:
+            self._bars.remove(bar)
+            bar.close()
+
+    def _stage(self, stage: str) -> None:
+        """Show what the case at hand is going through beside the innermost progress bar."""
+        if self.progress and self._bars:
+            self._bars[-1].set_postfix_str(stage)
 
     def _edit(self, requests: list[EditRequest]) -> tuple[list[Edit], float, float]:
         """Apply one unit: one call, or one call per request for editors that cannot batch (a
@@ -268,6 +336,7 @@ class EditRun:
         calls = [requests] if self.editor.supports_batch or len(requests) == 1 else [[r] for r in requests]
         edits: list[Edit] = []
         before = model_state(self.model)
+        self._stage("editing")
         try:
             with measure(self.device) as cost:
                 for call in calls:
@@ -275,28 +344,39 @@ class EditRun:
         except BaseException as error:
             for edit in reversed(edits):
                 edit.revert(self.model)
-            if not isinstance(error, FATAL_ERRORS) and model_state(self.model) != before:
+            # An interrupt (Ctrl-C) stops the run as it is; only an editor's own error is checked.
+            if isinstance(error, Exception) and not isinstance(error, FATAL_ERRORS) and model_state(self.model) != before:
                 cases = ", ".join(r.case_id for r in requests)
                 raise ModelLeftChangedError(
                     f"{self.editor.name} failed on case {cases} ({type(error).__name__}: {error}) and left the model changed; "
                     f"the run stops here (finished cases are kept in {self.cases_path})"
                 ) from error
             raise
+        for edit in edits:
+            self._record_provenance(edit)
         return edits, cost.seconds / len(requests), cost.peak_memory_mb
 
-    def _run_single(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
+    def _record_provenance(self, edit: Edit) -> None:
+        """Give an edit the model id as the user named it and the run's provenance, dated now."""
+        if edit.made_for is not None and self.model_id is not None:
+            edit.made_for = dataclasses.replace(edit.made_for, name=self.model_id)
+        if self.provenance is not None:
+            edit.provenance = {**self.provenance, "date": utc_now()}
+
+    def _run_single(self, todo: list[EditRequest], writer: _Cases) -> None:
         self._run_batch(todo, writer)
 
-    def _run_batch(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
+    def _run_batch(self, todo: list[EditRequest], writer: _Cases) -> None:
         recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
         if self.general is not None and 0 not in recorded:
             self._write_checkpoint(0, [], {})
             recorded.add(0)
-        with self._bar(len(todo), f"{self.editor.name} ({self.mode})") as bar:
-            units = edit_units(todo, self.edits_per_call)
-            if self.shard.active:  # every world-th call, so each process gets a fair share
-                units = units[self.shard.rank :: self.shard.world]
-                bar.total = sum(len(u) for u in units)
+        units = edit_units(todo, self.edits_per_call)
+        done = len(self.requests) - len(todo)  # cases an earlier invocation finished
+        if self.shard.active:  # every world-th call, so each process gets a fair share
+            units = units[self.shard.rank :: self.shard.world]
+            done = 0
+        with self._bar(done + sum(len(u) for u in units), f"{self.editor.name} ({self.mode})", initial=done) as bar:
             for batch in units:
                 lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
                 pre = {}
@@ -316,8 +396,11 @@ class EditRun:
     def _measure(self, request: EditRequest, stage: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """``(measurements, None)``, or ``(None, the case's failed line)`` when measuring raises
         anything but a fatal error (those stop the run)."""
+        self._stage(f"{stage}-scoring")
+        # The generation steps are named only where a progress bar shows them.
+        shown = {"on_step": lambda step: self._stage(f"{stage}-scoring: {step}")} if self.progress else {}
         try:
-            return measure_case(self.model, self.tokenizer, request, self.eval), None
+            return measure_case(self.model, self.tokenizer, request, self.eval, **shown), None
         except FATAL_ERRORS:
             raise
         except Exception as error:
@@ -351,7 +434,8 @@ class EditRun:
             for edit in reversed(edits):
                 edit.revert(self.model)
 
-    def _run_sequential(self, todo: list[EditRequest], writer: JsonlWriter) -> None:
+    def _run_sequential(self, todo: list[EditRequest], writer: _Cases) -> None:
+        scored_before = len(self.requests) - len(todo)  # by an invocation stopped while scoring (step 3)
         # 1. Unedited measurements of every case (needed as the locality reference).
         pre_path = self.dir.pre
         pre = {r["case_id"]: r["raw"] for r in read_jsonl(pre_path) if "raw" in r}
@@ -402,7 +486,7 @@ class EditRun:
                 logger.info("re-applied %d saved edits from %s", len(saved), edits_dir)
             made = {r.case_id for r in edited}
             pending = [r for r in todo if r.case_id not in made]
-            with self._bar(len(pending), f"{self.editor.name} (sequential)") as bar:
+            with self._bar(len(edited) + len(pending), f"{self.editor.name} (sequential)", initial=len(edited)) as bar:
                 for unit in edit_units(pending, self.edits_per_call):
                     try:
                         edits, seconds, memory = self._edit(unit)
@@ -426,7 +510,7 @@ class EditRun:
             # 3. Score every case on the model carrying all edits (retention), then the last checkpoint.
             # Failed edits are not applied, so the model carries len(edited) edits.
             scoring = [r for r in todo if r.case_id not in failed]
-            with self._bar(len(scoring), "post-edit scores") as bar:
+            with self._bar(scored_before + len(scoring), "post-edit scores", initial=scored_before) as bar:
                 for request in scoring:
                     post, failure = self._measure(request, "post")
                     if failure is not None:
@@ -558,6 +642,7 @@ class EditRun:
             "metrics": flat,
             "protocols": protocols_of(flat),
             **self.info,
+            "provenance": self.provenance if self.provenance is not None else run_provenance(self.model, self.model_id, self.data),
         }
         if self.shard.active:
             summary["processes"] = self.shard.world
@@ -568,6 +653,20 @@ class EditRun:
         self.dir.write_summary(summary)
         self._tensorboard(scored, flat)
         return summary
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings by dotted name, as TensorBoard's HParams view lists them."""
+        found: dict[str, Any] = {
+            "editor": self.editor.name,
+            "mode": self.mode,
+            "edits_per_call": self.edits_per_call,
+            "model": self.model_id,
+            "data": self.data,
+            "cases": len(self.requests),
+        }
+        found.update({f"editor.{k}": v for k, v in self.editor_config.to_dict().items()})
+        found.update({f"eval.{k}": v for k, v in dataclasses.asdict(self.eval).items()})
+        return found
 
     def _checkpoint_outputs(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Curves (PNG), a markdown table, TensorBoard scalars by number of edits, and the edit
@@ -586,21 +685,15 @@ class EditRun:
         return out
 
     def _tensorboard(self, records: list[dict[str, Any]], flat: dict[str, float]) -> None:
+        """End the TensorBoard view: the final metrics and the settings. Per-case scalars were
+        written as the cases finished, except in a sharded run, whose cases are written now."""
+        board, own = self._board, self._board is None
+        if own:
+            board = RunBoard(self.dir.tensorboard, running=False)
+            for record in records:
+                board.add(record)
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; tolerate its absence in minimal installs
-            logger.warning("tensorboard is not installed; skipping TensorBoard scalars")
-            return
-        writer = SummaryWriter(log_dir=str(self.dir.tensorboard))
-        try:
-            for step, record in enumerate(records):
-                for stage in ("pre", "post"):
-                    for key, value in record[stage]["scores"].items():
-                        if value is not None:
-                            writer.add_scalar(f"case_{stage}/{key}", value, step)
-                if record.get("seconds") is not None:
-                    writer.add_scalar("case/seconds_per_edit", record["seconds"], step)
-            for key, value in flat.items():
-                writer.add_scalar(f"summary/{key}", value, len(records))
+            board.finish(self.settings(), flat)
         finally:
-            writer.close()
+            if own:
+                board.close()

@@ -1,7 +1,8 @@
 """Scoring one edit case: the raw measurements, their per-case scores, and run-level metrics.
 
 ``measure_case`` runs the model on every probe of a request and returns *raw* results (token ids
-predicted under teacher forcing, per-token-averaged NLLs, generated texts) as plain JSON data.
+predicted under teacher forcing with their decoded text, per-token-averaged NLLs, generated
+texts) as plain JSON data.
 ``case_scores`` turns raw results into the per-case numbers, and :class:`RunMetrics` feeds the
 same raw results into torchmetrics objects for the summary. Pre- and post-edit numbers come from
 this one path. A case's probes are always batched the same way (sorted within the case, never
@@ -259,14 +260,22 @@ def measure_generation(model, tokenizer, request: EditRequest, config: EvalConfi
     }
 
 
-def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig) -> dict[str, Any]:
-    """Raw, JSON-ready measurements of one case on the model as it is now."""
+def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Raw, JSON-ready measurements of one case on the model as it is now.
+
+    Each teacher-forced probe keeps its target ids, the predicted ids (``pred``: what the scores
+    use) and their decoding (``pred_text``: for people reading ``cases.jsonl``). ``on_step`` is
+    told the name of each generation step (``"fluency"``, ``"generation"``) as it starts: those
+    take most of a case's time on a CPU.
+    """
     groups = _case_pairs(request)
     unique = list(dict.fromkeys(pair for pairs in groups.values() for pair in pairs))
     scored = dict(zip(unique, score_pairs(model, tokenizer, unique, config.batch_size)))
     raw: dict[str, Any] = {}
     for group in TOKEN_GROUPS:
-        raw[group] = [{"target": scored[pair]["target"], "pred": scored[pair]["pred"]} for pair in groups[group]]
+        raw[group] = [
+            {"target": scored[pair]["target"], "pred": scored[pair]["pred"], "pred_text": tokenizer.decode(scored[pair]["pred"])} for pair in groups[group]
+        ]
     for item, probe in zip(raw["portability"], request.portability):
         item["kind"] = probe.kind  # for the per-kind portability scores
     for group in PROBABILITY_GROUPS:
@@ -277,8 +286,12 @@ def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig) -> 
             }
     if config.fluency and request.generation_prompts:
         prompts = list(dict.fromkeys(request.generation_prompts))[: config.generation_prompts]
+        if on_step is not None:
+            on_step("fluency")
         raw["fluency"] = {"texts": generate_texts(model, tokenizer, prompts, config)}
     if config.generation_scoring:
+        if on_step is not None:
+            on_step("generation")
         raw["generation"] = measure_generation(model, tokenizer, request, config)
     return raw
 

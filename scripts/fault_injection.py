@@ -42,6 +42,8 @@ MODE_ARGS = {
 CASES = 6
 # Keys whose values are measurements of time or memory, which differ between any two runs.
 VOLATILE = ("seconds", "memory", "wall", "time")
+# Keys whose values say when an invocation ran (the provenance's date).
+WHEN = ("date",)
 
 
 def build_tiny_model(directory: Path) -> None:
@@ -87,9 +89,9 @@ def environment(cache: Path) -> dict[str, str]:
 
 
 def stable(value: Any) -> Any:
-    """``value`` without the time and memory measurements."""
+    """``value`` without the time and memory measurements and the dates."""
     if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if not any(word in k for word in VOLATILE)}
+        return {k: stable(v) for k, v in value.items() if k not in WHEN and not any(word in k for word in VOLATILE)}
     if isinstance(value, list):
         return [stable(v) for v in value]
     return value

@@ -207,3 +207,61 @@ def test_edit_saved_without_a_model_record_still_loads(tmp_path, tiny_model):
     del meta["model"]
     (tmp_path / "edit.json").write_text(json.dumps(meta))
     assert Edit.load(tmp_path).apply(tiny_model).made_for is not None
+
+
+def _texts(request) -> dict:
+    return {"case_id": request.case_id, "prompt": request.prompt, "subject": request.subject, "target_new": request.target_new, "target_true": request.target_true}
+
+
+def test_saved_edit_records_its_requests_and_the_software(tmp_path, tokenizer, request_factory):
+    from conftest import build_gpt2
+
+    from editors import get_editor
+
+    model = build_gpt2(len(tokenizer))
+    requests = [request_factory("7"), request_factory("8", target_true=None, target_new="Dutch")]
+    editor = get_editor("ft_m")()
+    edit = editor.apply(model, tokenizer, requests, editor.config_class(layers=[1], steps=1))
+    edit.save(tmp_path)
+    edit.revert(model)
+    meta = json.loads((tmp_path / "edit.json").read_text())
+    assert meta["requests"] == [_texts(r) for r in requests]
+    assert set(meta["provenance"]) == {"versions", "git_commit", "git_dirty", "date"}
+    assert meta["provenance"]["versions"]["torch"] == torch.__version__
+    assert meta["model"]["name"] is None  # built in memory: no name to record
+    loaded = Edit.load(tmp_path)
+    assert loaded.requests == meta["requests"] and loaded.provenance == meta["provenance"]
+    # The records are for people: the edit still refuses another model's weights.
+    with pytest.raises(EditError, match="weights fingerprint"):
+        loaded.apply(build_gpt2(len(tokenizer), seed=1))
+    assert loaded.apply(model).is_applied
+
+
+def test_every_editor_records_requests_once_also_through_a_parent(tiny_model, request_factory):
+    name = _name(tiny_model)
+
+    class Plain(Editor):
+        def apply(self, model, tokenizer, requests, config):
+            return Edit("plain", {name: ParamDelta(delta=torch.zeros(1))}, [r.case_id for r in requests])
+
+    class Child(Plain):
+        def apply(self, model, tokenizer, requests, config):
+            return super().apply(model, tokenizer, requests[:1], config)
+
+    requests = [request_factory("1"), request_factory("2")]
+    assert Plain().apply(tiny_model, None, requests, EditorConfig()).requests == [_texts(r) for r in requests]
+    assert Child().apply(tiny_model, None, requests, EditorConfig()).requests == [_texts(requests[0])]  # what the parent carried out
+
+
+def test_edit_without_recorded_requests_still_loads(tmp_path, tiny_model):
+    name = _name(tiny_model)
+    Edit("test", {name: ParamDelta(delta=torch.zeros(2))}).save(tmp_path)
+    meta = json.loads((tmp_path / "edit.json").read_text())
+    del meta["requests"], meta["provenance"]  # as saved before they were recorded
+    (tmp_path / "edit.json").write_text(json.dumps(meta))
+    loaded = Edit.load(tmp_path)
+    assert loaded.requests == [] and loaded.provenance == {}
+    meta["requests"] = "not a list"
+    (tmp_path / "edit.json").write_text(json.dumps(meta))
+    with pytest.raises(EditError, match="'requests'"):
+        Edit.load(tmp_path)

@@ -366,3 +366,139 @@ def test_half_written_edit_folder_is_ignored_on_resume(tokenizer, request_factor
     summary = _run(model, tokenizer, requests, tmp_path, "sequential")
     assert summary["cases"] == 3
     assert sorted(p.name for p in (tmp_path / "edits").iterdir() if not p.name.startswith(".")) == ["000001", "000002", "000003"]
+
+
+# -- provenance, decoded predictions, interruption, live TensorBoard -------------------------
+
+
+def _events(folder):
+    """The TensorBoard events written under ``folder`` so far."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events
+
+
+def _steps(folder, tag):
+    return [event.step for event in _events(folder).Scalars(tag)]
+
+
+class _Bar:
+    """Stands in for tqdm: remembers how each progress bar was made and the stages it showed."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.stages = kwargs, []
+        _Bar.made.append(self)
+
+    def update(self, n=1) -> None:
+        pass
+
+    def set_postfix_str(self, text) -> None:
+        self.stages.append(text)
+
+    def close(self) -> None:
+        pass
+
+
+def test_summary_records_provenance(model_dir, counterfact_file, tmp_path):
+    import datetime
+    import hashlib
+
+    from editors.stats import model_fingerprint
+    from evaluation.models import load_model
+
+    summary = _cli(model_dir, counterfact_file, tmp_path / "run")
+    provenance = json.loads((tmp_path / "run" / "summary.json").read_text())["provenance"]
+    assert provenance == summary["provenance"]
+    assert set(provenance) == {"model", "model_fingerprint", "data", "data_file", "data_sha256", "versions", "git_commit", "git_dirty", "date"}
+    assert provenance["model"] == str(model_dir) and provenance["data"] == str(counterfact_file)
+    assert provenance["data_file"] == str(counterfact_file.resolve())
+    assert provenance["data_sha256"] == hashlib.sha256(counterfact_file.read_bytes()).hexdigest()
+    assert provenance["model_fingerprint"] == model_fingerprint(load_model(str(model_dir), device="cpu")[0])
+    assert set(provenance["versions"]) == {"python", "torch", "transformers", "factedit", "lightning", "torchmetrics", "datasets"}
+    assert provenance["git_commit"] is None or len(provenance["git_commit"]) == 40
+    assert datetime.datetime.fromisoformat(provenance["date"]).utcoffset() == datetime.timedelta(0)
+
+
+def test_cases_keep_decoded_predictions_and_saved_edits_their_provenance(tokenizer, request_factory, tmp_path):
+    from conftest import build_llama
+
+    from evaluation.scoring import TOKEN_GROUPS
+
+    requests = _requests(request_factory, 2)
+    editor = get_editor("ft_m")()
+    run = EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(**FT), requests, tmp_path, "sequential", 1, EVAL, progress=False, model_id="tiny-llama")
+    summary = run.run()
+    items = [item for r in read_jsonl(tmp_path / "cases.jsonl") for stage in ("pre", "post") for group in TOKEN_GROUPS for item in r[stage]["raw"][group]]
+    assert items and all(item["pred_text"] == tokenizer.decode(item["pred"]) for item in items)
+    assert summary["provenance"]["model"] == "tiny-llama" and summary["provenance"]["data"] is None
+    for number, request in enumerate(requests, start=1):
+        meta = json.loads((tmp_path / "edits" / f"{number:06d}" / "edit.json").read_text())
+        texts = {"case_id": request.case_id, "prompt": request.prompt, "subject": request.subject, "target_new": request.target_new, "target_true": request.target_true}
+        assert meta["requests"] == [texts]
+        assert meta["model"]["name"] == "tiny-llama"
+        made = meta["provenance"]
+        assert made["model"] == "tiny-llama" and made["model_fingerprint"] == summary["provenance"]["model_fingerprint"]
+        assert made["versions"] == summary["provenance"]["versions"] and made["git_commit"] == summary["provenance"]["git_commit"]
+        assert "date" in made
+
+
+def test_tensorboard_shows_each_case_as_it_finishes(tokenizer, request_factory, tmp_path, monkeypatch):
+    from conftest import build_llama
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    from evaluation.board import RunBoard
+
+    seen = []
+    add = RunBoard.add
+
+    def add_and_look(board, record):
+        add(board, record)
+        seen.append(_steps(tmp_path / "tensorboard", "summary/reliability"))
+
+    monkeypatch.setattr(RunBoard, "add", add_and_look)
+    summary = _run(build_llama(len(tokenizer)), tokenizer, _requests(request_factory), tmp_path)
+    assert seen == [[1], [1, 2], [1, 2, 3]]  # on disk while the run goes
+    assert _steps(tmp_path / "tensorboard", "case_post/reliability") == [0, 1, 2]
+    events = _events(tmp_path / "tensorboard")
+    assert events.Scalars("summary/reliability")[-1].value == pytest.approx(summary["metrics"]["reliability"])
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["editor"].string_value == "ft_m" and start.hparams["editor.steps"].number_value == FT["steps"]
+
+
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(model_dir, counterfact_file, tmp_path, capsys, monkeypatch):
+    import evaluation.runner
+
+    editor_class = get_editor("ft_m")
+    apply = editor_class.apply
+    calls = []
+
+    def interrupted_on_the_second_case(self, model, tokenizer, requests, config):
+        calls.append(requests[0].case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return apply(self, model, tokenizer, requests, config)
+
+    monkeypatch.setattr(editor_class, "apply", interrupted_on_the_second_case)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        _cli(model_dir, counterfact_file, out)
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "edit.py: interrupted after 1 of 2 cases; rerun the same command to resume" in err and "Traceback" not in err
+    assert [r["case_id"] for r in read_jsonl(out / "cases.jsonl")] == ["0"]
+    assert _steps(out / "tensorboard", "summary/reliability") == [1]  # the finished case is on TensorBoard already
+
+    monkeypatch.setattr(editor_class, "apply", apply)
+    monkeypatch.setattr(evaluation.runner, "tqdm", _Bar)
+    _Bar.made.clear()
+    summary = _cli(model_dir, counterfact_file, out, "--progress", "true")
+    assert summary["cases"] == 2 and summary["failed_cases"] == 0
+    assert [r["case_id"] for r in read_jsonl(out / "cases.jsonl")] == ["0", "1"]
+    (bar,) = _Bar.made
+    assert (bar.kwargs["initial"], bar.kwargs["total"]) == (1, 2)  # 1/2, not 0/1
+    assert bar.stages[:2] == ["pre-scoring", "pre-scoring: fluency"] and "editing" in bar.stages and "post-scoring: generation" in bar.stages
+    assert _steps(out / "tensorboard", "summary/reliability") == [1, 2]
