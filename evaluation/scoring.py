@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -69,14 +69,23 @@ UNNAMED_KIND = "portability"
 class EvalConfig:
     """How edits are scored (shared by every editor and mode)."""
 
-    batch_size: int = 32  # sequences per forward pass
-    fluency: bool = True  # generate from generation prompts and score n-gram entropy
-    generation_prompts: int = 1  # distinct generation prompts per case (ROME uses all 10 of CounterFact's; each costs ~6 s on 2 CPU cores)
-    generation_length: int = 100  # new tokens per generation (ROME: 100)
-    top_k: int = 5  # top-k sampling for generation (ROME: 5)
-    seed: int = 0  # sampling seed; the same for pre- and post-edit generation
-    generation_scoring: bool = True  # answer the edit, rephrased and portability prompts by greedy generation and score exact match / containment (gen_* keys)
-    generation_max_new_tokens: int = 16  # cap on a greedy answer's new tokens (each gets its longest accepted answer's token length + 3)
+    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
+    fluency: bool = field(default=True, metadata={"help": "sample from the case's generation prompts and score their n-gram entropy (fluency)"})
+    generation_prompts: int = field(
+        default=1,
+        metadata={"help": "distinct generation prompts sampled per case for fluency (ROME uses all 10 of CounterFact's; each costs about 6 s on 2 CPU cores)"},
+    )
+    generation_length: int = field(default=100, metadata={"help": "new tokens per fluency sample (ROME: 100)"})
+    top_k: int = field(default=5, metadata={"help": "top-k sampling of the fluency samples (ROME: 5)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed, the same for the pre- and post-edit samples"})
+    generation_scoring: bool = field(
+        default=True,
+        metadata={"help": "also answer the edit, rephrased and portability prompts by greedy generation and score exact match and containment (gen_* keys)"},
+    )
+    generation_max_new_tokens: int = field(
+        default=16,
+        metadata={"help": "cap on a greedy answer's new tokens (each answer gets its longest accepted answer's token length + 3)"},
+    )
 
     def __post_init__(self) -> None:
         if self.generation_max_new_tokens < 1:
