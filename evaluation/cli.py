@@ -17,20 +17,22 @@ import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Sequence
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
+# What the parser needs imports no torch, so that --help and argument errors come at once; the
+# model, the editor and the scoring are imported once the arguments are parsed.
 from datamodules.records import FORMATS
 from datamodules.sources import known_sources
-from editors import available_editors, get_editor
+from editors import available_editors, config_class, get_editor
 
-from .distributed import Shard, init_from_environment
-from .general import GeneralConfig
+from .config import DEFAULT_CHECKPOINTS, MODES, EvalConfig, GeneralConfig
 from .run_dir import RunDir, RunDirError
-from .runner import DEFAULT_CHECKPOINTS, MODES, EditorSetupError, EditRun
-from .scoring import EvalConfig
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 logger = logging.getLogger("edit")
 
@@ -105,7 +107,7 @@ def add_settings(parser: ArgumentParser, cls: type, key: str, help: str) -> None
 
 def build_parser(editor_name: str) -> ArgumentParser:
     try:
-        editor_cls = get_editor(editor_name)
+        settings = config_class(editor_name)
     except KeyError as err:
         raise SystemExit(f"edit.py: error: {err.args[0]}")
     parser = ArgumentParser(
@@ -118,7 +120,7 @@ def build_parser(editor_name: str) -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these settings")
     parser.add_argument("--editor.name", type=str, default=DEFAULT_EDITOR, help=f"editing method: {', '.join(available_editors())}")
-    add_settings(parser, editor_cls.config_class, "editor", help=f"settings of {editor_name} (--editor NAME --help lists another editor's)")
+    add_settings(parser, settings, "editor", help=f"settings of {editor_name} (--editor NAME --help lists another editor's)")
     parser.add_argument("--model", type=str, default="smollm2-135m", help="hub id, local folder, .gguf file, or 'smollm2-135m' (bundled)")
     parser.add_argument("--data", type=str, default="counterfact-demo", help=f"data file (format detected) or a named set: {', '.join(known_sources())}")
     parser.add_argument("--format", type=Optional[str], default=None, help=f"record format of --data, one of {', '.join(FORMATS)} (default: detect)")
@@ -266,13 +268,6 @@ def _fit_to_model(cfg: Namespace, model, tokenizer, editor, editor_config, eval_
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    from evaluation.models import ModelLoadError, load_model
-    from evaluation.report import summary_table
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         from .compare import main as compare_main
@@ -281,6 +276,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name, args = _editor_name(argv)
     parser = build_parser(name)
     cfg = parser.parse_args(args)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from evaluation.models import ModelLoadError, load_model
+    from evaluation.report import summary_table
+
+    from .distributed import init_from_environment
+    from .runner import EditorSetupError, EditRun
+
     editor_cls = get_editor(cfg.editor.name)
     settings = {k: v for k, v in vars(cfg.editor).items() if k != "name"}
     try:

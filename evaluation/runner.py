@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from editors.base import Edit, Editor, EditorConfig, EditRequest
 from editors.lm import model_device
 
+from .config import DEFAULT_CHECKPOINTS, MODES
 from .distributed import current_shard
 from .efficiency import measure
 from .run_dir import JsonlWriter, RunDir, read_jsonl
@@ -56,10 +57,6 @@ if TYPE_CHECKING:
     from .general import GeneralConfig
 
 logger = logging.getLogger(__name__)
-
-MODES = ("single", "batch", "sequential")
-DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
-
 
 class ModelLeftChangedError(RuntimeError):
     """An editor failed and left the model other than it found it (weights or hooks): no later

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +50,8 @@ from metrics import (
     token_accuracy,
 )
 
+from .config import EvalConfig  # defined with the other run settings, importable without torch
+
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {"es": "new", "ps": "new", "ns": "true"}
 MAGNITUDE_KEYS = {"es": "em", "ps": "pm", "ns": "nm"}
@@ -63,33 +64,6 @@ GENERATION_MARGIN = 3
 """New tokens a greedy answer may have beyond its longest accepted answer's token length."""
 UNNAMED_KIND = "portability"
 """The kind of probes that name none (EasyEdit's single portability question)."""
-
-
-@dataclass
-class EvalConfig:
-    """How edits are scored (shared by every editor and mode)."""
-
-    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
-    fluency: bool = field(default=True, metadata={"help": "sample from the case's generation prompts and score their n-gram entropy (fluency)"})
-    generation_prompts: int = field(
-        default=1,
-        metadata={"help": "distinct generation prompts sampled per case for fluency (ROME uses all 10 of CounterFact's; each costs about 6 s on 2 CPU cores)"},
-    )
-    generation_length: int = field(default=100, metadata={"help": "new tokens per fluency sample (ROME: 100)"})
-    top_k: int = field(default=5, metadata={"help": "top-k sampling of the fluency samples (ROME: 5)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed, the same for the pre- and post-edit samples"})
-    generation_scoring: bool = field(
-        default=True,
-        metadata={"help": "also answer the edit, rephrased and portability prompts by greedy generation and score exact match and containment (gen_* keys)"},
-    )
-    generation_max_new_tokens: int = field(
-        default=16,
-        metadata={"help": "cap on a greedy answer's new tokens (each answer gets its longest accepted answer's token length + 3)"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.generation_max_new_tokens < 1:
-            raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
 
 
 def portability_key(kind: str) -> str:
