@@ -52,7 +52,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from datamodules.sources import resolve_source
-from editors.base import QA, EditRequest
+from editors.requests import QA, EditRequest
 
 if TYPE_CHECKING:
     import datasets

@@ -1,18 +1,25 @@
-"""Editors. Importing this package registers every editor (see :func:`editors.base.get_editor`)."""
+"""Editors: one package per method, each registering its editor when it is imported.
 
-from .base import QA, Edit, EditError, Editor, EditorConfig, EditRequest, ParamDelta, available_editors, get_editor, register_editor
-from . import ft  # noqa: F401  (registers ft_l, ft_m)
-from . import kn  # noqa: F401  (registers kn)
-from . import rome  # noqa: F401  (registers rome)
-from . import memit  # noqa: F401  (registers memit, pmet, alphaedit)
-from . import ke  # noqa: F401  (registers ke)
-from . import mend  # noqa: F401  (registers mend)
-from . import enn  # noqa: F401  (registers enn)
-from . import serac  # noqa: F401  (registers serac)
-from . import grace  # noqa: F401  (registers grace)
-from . import ike  # noqa: F401  (registers ike)
-from . import tpatcher  # noqa: F401  (registers t_patcher)
-from . import calinet  # noqa: F401  (registers calinet)
-from . import wise  # noqa: F401  (registers wise)
+:func:`get_editor` imports a method on first use (the built-in ones are listed in
+:data:`editors.registry.METHODS`), and :func:`config_class` reads a method's settings without
+importing it. Importing this package loads no method and no torch; the names that need torch
+(:class:`Edit`, :class:`Editor`, ...) are imported from :mod:`editors.base` on first access.
+"""
 
-__all__ = ["QA", "Edit", "EditError", "Editor", "EditorConfig", "EditRequest", "ParamDelta", "available_editors", "get_editor", "register_editor"]
+from typing import Any
+
+from .config import EditorConfig
+from .registry import available_editors, config_class, get_editor, register_editor
+from .requests import QA, EditRequest
+
+__all__ = ["QA", "Edit", "EditError", "Editor", "EditorConfig", "EditRequest", "ParamDelta", "available_editors", "config_class", "get_editor", "register_editor"]
+
+_FROM_BASE = ("Edit", "EditError", "Editor", "ParamDelta")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Edit, EditError, EditRequest, check_finite
-from .ike import BUILTIN_POOL
+from .ike.editor import BUILTIN_POOL
 from .lm import join_text
 from .targets import get_module
 
@@ -61,7 +61,7 @@ GENERIC_TEXTS: tuple[str, ...] = (
 
 def fact_prompts() -> list[str]:
     """Factual questions about other subjects: IKE's built-in pool's prompts, paraphrases and
-    neighbour prompts (:data:`editors.ike.BUILTIN_POOL`)."""
+    neighbour prompts (:data:`editors.ike.editor.BUILTIN_POOL`)."""
     return [text for prompt, _, _, _, paraphrase, neighbour in BUILTIN_POOL for text in (prompt, paraphrase, neighbour)]
 
 

@@ -13,19 +13,19 @@ opened with ``torch.load(weights_only=True)``, from which only the network's ten
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .base import EditError, EditorConfig, EditRequest
+from .base import EditError, EditRequest
+from .config import LearnedConfig  # defined with the other configs, importable without torch
 from .lm import encode_pair, hidden_states, model_device, unembed
 from .targets import delta_to_param_layout, get_module, get_targets, resolve_layer, weight_as_out_in
 
@@ -40,25 +40,6 @@ IGNORE_INDEX = -100
 
 class CheckpointError(EditError):
     """A learned editor's checkpoint is missing, corrupt, or was trained for something else."""
-
-
-@dataclass
-class LearnedConfig(EditorConfig):
-    """Settings every learned editor has. Fields listed in ``ARCHITECTURE`` define the network's
-    shape; a checkpoint records them and refuses to load into a network built otherwise."""
-
-    checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "trained network: a folder or .safetensors written by train.py, or a Lightning .ckpt; None: untrained"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the network's initialisation (what 'untrained' means)"})
-
-    ARCHITECTURE: ClassVar[tuple[str, ...]] = ()
-
-    def architecture(self) -> dict[str, Any]:
-        """The settings that determine the network's parameters (recorded in checkpoints)."""
-        values = dataclasses.asdict(self)
-        return {name: values[name] for name in self.ARCHITECTURE}
 
 
 # --------------------------------------------------------------------------------------------

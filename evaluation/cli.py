@@ -12,22 +12,27 @@ editor's name under ``editor.name``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Sequence
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
-from editors import available_editors, get_editor
+# What the parser needs imports no torch, so that --help and argument errors come at once; the
+# model, the editor and the scoring are imported once the arguments are parsed.
+from datamodules.records import FORMATS
+from datamodules.sources import known_sources
+from editors import available_editors, config_class, get_editor
 
-from .distributed import Shard, init_from_environment
-from .general import GeneralConfig
+from .config import DEFAULT_CHECKPOINTS, MODES, EvalConfig, GeneralConfig
 from .run_dir import RunDir, RunDirError
-from .runner import DEFAULT_CHECKPOINTS, MODES, EditorSetupError, EditRun
-from .scoring import EvalConfig
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 logger = logging.getLogger("edit")
 
@@ -70,21 +75,64 @@ def _editor_name(argv: Sequence[str]) -> tuple[str, list[str]]:
     return name, rewritten
 
 
+EPILOG = """\
+Compare finished runs (curves, tables, the edit budget of sequential runs):
+  python edit.py compare RUN_DIR [RUN_DIR ...] --out DIR [--threshold 0.1]
+(python edit.py compare --help lists its options)
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of the description and the epilog."""
+
+
+def field_help(cls: type, name: str) -> str | None:
+    """The ``help`` metadata of dataclass field ``name``; a subclass that only changes a field's
+    default (``objective: str = "prompt_last"``) keeps the help its base gives the field."""
+    for klass in cls.__mro__:
+        found = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if found is not None and found.metadata.get("help"):
+            return found.metadata["help"]
+    return None
+
+
+def add_settings(parser: ArgumentParser, cls: type, key: str, help: str) -> None:
+    """``--key.<field>`` for each field of dataclass ``cls``, each with its field's help text."""
+    parser.add_class_arguments(cls, key, help=help)
+    for action in parser._actions:
+        if action.dest.startswith(f"{key}."):
+            text = field_help(cls, action.dest[len(key) + 1 :])
+            if text:
+                action.help = text.replace("%", "%%")  # argparse expands %-formats in help
+
+
 def build_parser(editor_name: str) -> ArgumentParser:
     try:
-        editor_cls = get_editor(editor_name)
+        settings = config_class(editor_name)
     except KeyError as err:
         raise SystemExit(f"edit.py: error: {err.args[0]}")
-    parser = ArgumentParser(prog="edit.py", description="Apply a knowledge editor to a model and score the edits. 'edit.py compare RUN_DIR... --out DIR' compares finished runs of any mode (see 'edit.py compare --help').", env_prefix="FACTEDIT", default_env=False)
+    parser = ArgumentParser(
+        prog="edit.py",
+        description="Apply a knowledge editor to a model and score the edits.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+        env_prefix="FACTEDIT",
+        default_env=False,
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these settings")
     parser.add_argument("--editor.name", type=str, default=DEFAULT_EDITOR, help=f"editing method: {', '.join(available_editors())}")
-    parser.add_class_arguments(editor_cls.config_class, "editor", help=f"settings of {editor_name}")
+    add_settings(parser, settings, "editor", help=f"settings of {editor_name} (--editor NAME --help lists another editor's)")
     parser.add_argument("--model", type=str, default="smollm2-135m", help="hub id, local folder, .gguf file, or 'smollm2-135m' (bundled)")
-    parser.add_argument("--data", type=str, default="counterfact-demo", help="data file (format detected) or a named set: counterfact-demo, zsre-demo, counterfact, zsre")
-    parser.add_argument("--format", type=Optional[str], default=None, help="counterfact, counterfact_easyedit, zsre or knowedit (default: detect)")
+    parser.add_argument("--data", type=str, default="counterfact-demo", help=f"data file (format detected) or a named set: {', '.join(known_sources())}")
+    parser.add_argument("--format", type=Optional[str], default=None, help=f"record format of --data, one of {', '.join(FORMATS)} (default: detect)")
     parser.add_argument("--limit", type=Optional[int], default=None, help="use the first N valid records")
     parser.add_argument("--skip_invalid", "--skip-invalid", type=bool, default=False, nargs="?", const=True, help="report and skip malformed records instead of stopping")
-    parser.add_argument("--mode", type=str, default="single", choices=MODES, help="single: edit, score, revert each case; batch: several per call; sequential: edits accumulate")
+    parser.add_argument(
+        "--mode",
+        type=Literal[MODES],
+        default="single",
+        help="single: edit, score, revert each case; batch: several per call; sequential: edits accumulate",
+    )
     parser.add_argument("--edits_per_call", "--edits-per-call", type=int, default=1, help="requests per editor call in batch and sequential modes")
     parser.add_argument(
         "--checkpoints",
@@ -100,8 +148,8 @@ def build_parser(editor_name: str) -> ArgumentParser:
     parser.add_argument("--device_map", "--device-map", type=Optional[str], default=None, help="'auto' spreads a large model over the available devices (accelerate); overrides --device")
     parser.add_argument("--trust_remote_code", "--trust-remote-code", type=bool, default=False, nargs="?", const=True, help="allow custom model code from the hub (off unless asked)")
     parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
-    parser.add_class_arguments(EvalConfig, "eval", help="how edits are scored")
-    parser.add_class_arguments(GeneralConfig, "general", help="general-ability suite on the edited model (sequential: at checkpoints; batch: after the first call)")
+    add_settings(parser, EvalConfig, "eval", help="how edits are scored")
+    add_settings(parser, GeneralConfig, "general", help="general-ability suite on the edited model (sequential: at checkpoints; batch: after the first call)")
     return parser
 
 
@@ -227,13 +275,6 @@ def interrupted_message(run: EditRun) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    from evaluation.models import ModelLoadError, load_model
-    from evaluation.report import summary_table
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         from .compare import main as compare_main
@@ -242,6 +283,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name, args = _editor_name(argv)
     parser = build_parser(name)
     cfg = parser.parse_args(args)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from evaluation.models import ModelLoadError, load_model
+    from evaluation.report import summary_table
+
+    from .distributed import init_from_environment
+    from .runner import EditorSetupError, EditRun
+
     editor_cls = get_editor(cfg.editor.name)
     settings = {k: v for k, v in vars(cfg.editor).items() if k != "name"}
     try:

@@ -68,7 +68,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -77,26 +77,11 @@ import torch
 
 from editors.lm import cache_kwargs, cache_of
 
+from .config import GENERAL_SOURCES as SOURCES  # noqa: F401  (where the suite's data comes from)
+from .config import TASKS, GeneralConfig, UnknownTaskError, check_tasks  # noqa: F401  (defined with the other run settings)
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
-
-TASKS: tuple[str, ...] = (
-    "mmlu",
-    "gsm8k",
-    "bbh",
-    "commonsense_qa",
-    "triviaqa",
-    "truthfulqa_mc1",
-    "truthfulqa_mc2",
-    "hellaswag",
-    "arc_easy",
-    "arc_challenge",
-    "piqa",
-    "boolq",
-    "lambada",
-    "wikitext",
-)
 
 HEADLINE: dict[str, tuple[str, str]] = {
     "mmlu": ("acc", "higher"),
@@ -115,78 +100,9 @@ HEADLINE: dict[str, tuple[str, str]] = {
     "wikitext": ("word_perplexity", "lower"),
 }
 
-SOURCES = ("local", "hub")
-
-
-@dataclass
-class GeneralConfig:
-    tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": f"general-ability tasks to score; empty turns the suite off. Any of: {', '.join(TASKS)}"},
-    )
-    limit: int | None = field(
-        default=100,
-        metadata={
-            "help": "items per task (None: all). MMLU and BBH: a total over all subjects, a fixed sample drawn with `seed`; "
-            "wikitext: whole articles (the test set has 62, about 4,900 tokens each)"
-        },
-    )
-    task_limits: dict[str, int] | None = field(
-        default=None,
-        metadata={"help": "per-task overrides of `limit`, e.g. {wikitext: 3} (local source only)"},
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "folder of the local benchmark files (default: $FACTEDIT_GENERAL_DATA, else <project>/../shared/data/general)"},
-    )
-    source: str = field(default="local", metadata={"help": "'local': the files in data_dir; 'hub': lm-eval's standard tasks (needs internet)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass (at most batch_size * 256 tokens)"})
-    num_fewshot: int = field(
-        default=0,
-        metadata={
-            "help": "few-shot examples per prompt, fixed for the run and drawn with `seed` from items that are not evaluated "
-            "(MMLU: the subject's dev set; BBH: the task's prompt file, at most 3). Not used by lambada, wikitext and "
-            "truthfulqa (which has its fixed six-question primer)"
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the MMLU/BBH item sample and of the few-shot draw"})
-
-    def __post_init__(self) -> None:
-        self.tasks = list(self.tasks or [])
-        check_tasks(self.tasks)
-        if self.source not in SOURCES:
-            raise ValueError(f"general source must be one of {SOURCES}, got {self.source!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"general limit must be a positive number of items or None, got {self.limit}")
-        self.task_limits = dict(self.task_limits or {})
-        check_tasks(list(self.task_limits))
-        if any(not isinstance(n, int) or n < 1 for n in self.task_limits.values()):
-            raise ValueError(f"general task_limits must map tasks to positive numbers of items, got {self.task_limits}")
-        if self.batch_size < 1:
-            raise ValueError(f"general batch_size must be at least 1, got {self.batch_size}")
-        if self.num_fewshot < 0:
-            raise ValueError(f"general num_fewshot must be >= 0, got {self.num_fewshot}")
-
-    def limit_of(self, task: str) -> int | None:
-        """Items scored for ``task``: its entry in ``task_limits``, else ``limit``."""
-        return self.task_limits.get(task, self.limit) if self.task_limits else self.limit
-
-
-class UnknownTaskError(ValueError):
-    pass
-
 
 class MissingDataError(FileNotFoundError):
     pass
-
-
-def check_tasks(tasks: Sequence[str]) -> None:
-    unknown = [name for name in tasks if name not in TASKS]
-    if unknown:
-        raise UnknownTaskError(f"unknown general-ability task(s) {', '.join(map(repr, unknown))}; supported: {', '.join(TASKS)}")
-    duplicates = sorted({name for name in tasks if list(tasks).count(name) > 1})
-    if duplicates:
-        raise ValueError(f"general-ability task(s) listed twice: {', '.join(duplicates)}")
 
 
 def default_data_dir() -> Path:

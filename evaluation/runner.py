@@ -58,6 +58,7 @@ from editors.provenance import utc_now
 
 from .board import RunBoard
 from .compare.scores import case_values, standard_error
+from .config import DEFAULT_CHECKPOINTS, MODES
 from .distributed import current_shard
 from .efficiency import measure
 from .provenance import run_provenance
@@ -68,10 +69,6 @@ if TYPE_CHECKING:
     from .general import GeneralConfig
 
 logger = logging.getLogger(__name__)
-
-MODES = ("single", "batch", "sequential")
-DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
-
 
 class ModelLeftChangedError(RuntimeError):
     """An editor failed and left the model other than it found it (weights or hooks): no later

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +51,8 @@ from metrics import (
     token_accuracy,
 )
 
+from .config import EvalConfig  # defined with the other run settings, importable without torch
+
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {"es": "new", "ps": "new", "ns": "true"}
 MAGNITUDE_KEYS = {"es": "em", "ps": "pm", "ns": "nm"}
@@ -64,24 +65,6 @@ GENERATION_MARGIN = 3
 """New tokens a greedy answer may have beyond its longest accepted answer's token length."""
 UNNAMED_KIND = "portability"
 """The kind of probes that name none (EasyEdit's single portability question)."""
-
-
-@dataclass
-class EvalConfig:
-    """How edits are scored (shared by every editor and mode)."""
-
-    batch_size: int = 32  # sequences per forward pass
-    fluency: bool = True  # generate from generation prompts and score n-gram entropy
-    generation_prompts: int = 1  # distinct generation prompts per case (ROME uses all 10 of CounterFact's; each costs ~6 s on 2 CPU cores)
-    generation_length: int = 100  # new tokens per generation (ROME: 100)
-    top_k: int = 5  # top-k sampling for generation (ROME: 5)
-    seed: int = 0  # sampling seed; the same for pre- and post-edit generation
-    generation_scoring: bool = True  # answer the edit, rephrased and portability prompts by greedy generation and score exact match / containment (gen_* keys)
-    generation_max_new_tokens: int = 16  # cap on a greedy answer's new tokens (each gets its longest accepted answer's token length + 3)
-
-    def __post_init__(self) -> None:
-        if self.generation_max_new_tokens < 1:
-            raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
 
 
 def portability_key(kind: str) -> str:

@@ -1,4 +1,11 @@
-"""The ``train.py`` command line: Lightning's CLI with two changes to where files go and come from.
+"""The ``train.py`` command line: Lightning's CLI over the project's LightningModules and DataModules.
+
+The model is any :class:`~lit_modules.base.EditorModule` and the data any
+:class:`~datamodules.edit_datamodule.EditDataModule`, each given by its full class path (as the
+YAML files under ``configs/`` do) or by its class name: ``--model MENDModule --data
+CounterFactDataModule``; ``--model.help MENDModule`` lists a module's arguments.
+
+Two changes to where files go and come from:
 
 * The resolved config is written into the logger's folder, as Lightning does, but not into the
   working directory when there is no logger (``trainer.logger: false``): Lightning then falls
@@ -15,11 +22,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from datamodules.edit_datamodule import EditDataModule
 from editors.learned import CheckpointError, unreadable_checkpoint
+
+from .base import EditorModule
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +61,23 @@ class NamedCheckpointIO(TorchCheckpointIO):
 
 
 class EditorCLI(LightningCLI):
-    """``LightningCLI`` writing its config with :class:`SaveConfigBesideLogs` and reading
-    checkpoints with :class:`NamedCheckpointIO` (unless the config names another plugin)."""
+    """``LightningCLI`` choosing among the subclasses of :class:`EditorModule` and
+    :class:`EditDataModule` (every one of the project's is imported with its package, so a class
+    name is enough), writing its config with :class:`SaveConfigBesideLogs` and reading checkpoints
+    with :class:`NamedCheckpointIO` (unless the config names another plugin)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_class: type[LightningModule] | None = EditorModule,
+        datamodule_class: type[LightningDataModule] | None = EditDataModule,
+        *args: Any,
+        subclass_mode_model: bool = True,
+        subclass_mode_data: bool = True,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("save_config_callback", SaveConfigBesideLogs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(*args, **kwargs)
+        super().__init__(model_class, datamodule_class, *args, subclass_mode_model=subclass_mode_model, subclass_mode_data=subclass_mode_data, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads an explicit --ckpt_path file here (for its hyperparameters), before the

@@ -38,7 +38,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     requests = load_requests(args.data if Path(args.data).exists() else "counterfact-demo", limit=args.limit)
-    modules = {"grace": "editors.grace", "t_patcher": "editors.tpatcher", "calinet": "editors.calinet", "wise": "editors.wise"}
+    modules = {"grace": "editors.grace.editor", "t_patcher": "editors.tpatcher.editor", "calinet": "editors.calinet.editor", "wise": "editors.wise.editor"}
 
     @contextlib.contextmanager
     def every_block(*_args, **_kwargs):

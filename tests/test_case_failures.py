@@ -223,7 +223,7 @@ def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, 
 
 
 def test_fine_tuning_that_fails_midway_leaves_the_weights_as_found(tiny_model, tokenizer, request_factory, monkeypatch):
-    import editors.ft as ft
+    import editors.ft.editor as ft
 
     def broken(model, batch, optimizer, *args):
         optimizer.param_groups[0]["params"][0].data.add_(1.0)  # a training step happened

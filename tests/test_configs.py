@@ -36,13 +36,10 @@ def test_config_parses(path):
         get_editor(cfg.editor.name).config_class(**settings)  # the editor accepts every value
     else:
         data = yaml.safe_load(path.read_text())
-        if "model" in data:  # a full train.py config: LightningCLI builds model, data and trainer
-            from lightning.pytorch.cli import LightningCLI
+        if "model" in data:  # a full train.py config: train.py's CLI builds model, data and trainer
+            from lit_modules.cli import EditorCLI
 
-            cli = LightningCLI(
-                subclass_mode_model=True, subclass_mode_data=True, run=False, save_config_callback=None,
-                args=["--config", str(path), "--trainer.logger", "false"],
-            )
+            cli = EditorCLI(run=False, save_config_callback=None, args=["--config", str(path), "--trainer.logger", "false"])
             assert cli.model.editor.name == cli.model.editor_name  # the module trains a registered editor
         elif "trainer" in data:  # a trainer fragment such as trainer/debug.yaml
             from lightning.pytorch import Trainer

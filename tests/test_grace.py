@@ -149,6 +149,22 @@ def test_save_load_reproduces_outputs(tiny_model, tokenizer, request_factory, tm
         assert torch.equal(_logits(tiny_model, tokenizer, PROBES), edited)
 
 
+def test_a_saved_edit_loads_where_its_editor_was_never_imported(tiny_model, tokenizer, request_factory, tmp_path):
+    """Methods are imported on first use, so loading names the editor that registers the kind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    edit = get_editor("grace")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(steps=1))
+    edit.save(tmp_path / "e")
+    edit.revert(tiny_model)
+    code = f"import sys; from editors import Edit; edit = Edit.load({str(tmp_path / 'e')!r}); print(type(edit).__name__, 'editors.grace.editor' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["GRACEEdit", "True"]
+
+
 def test_refuses_non_finite_values(tiny_model, tokenizer, request_factory):
     edit = get_editor("grace")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(steps=1))
     edit.revert(tiny_model)

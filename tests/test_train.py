@@ -75,3 +75,38 @@ def test_corrupt_last_checkpoint_names_the_file_and_the_others(tiny_run, tmp_pat
     last.write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"no other checkpoint is in {checkpoints}; start afresh without --ckpt_path"):
         _train(monkeypatch, "fit", "--config", str(tiny_run), "--trainer.callbacks", callbacks, "--ckpt_path", str(last))
+
+
+def test_model_help_by_class_name_lists_its_arguments(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit:
+        _train(monkeypatch, "fit", "--model.help", "MENDModule")
+    assert exit.value.code == 0
+    shown = capsys.readouterr().out
+    assert "MENDModule" in shown
+    for argument in ("--model.model", "--model.editor", "--model.lr", "--model.lr_lr", "--model.edit_weight", "--model.warmup_edits"):
+        assert argument in shown
+    assert "MENDConfig" in shown  # the type of --model.editor
+    with pytest.raises(SystemExit) as exit:
+        _train(monkeypatch, "fit", "--data.help", "CounterFactDataModule")
+    assert exit.value.code == 0
+    assert "--data.batch_size" in capsys.readouterr().out
+
+
+def test_model_and_data_by_class_name(tiny_run, tmp_path, monkeypatch):
+    """Class names resolve like full class paths, in a YAML file and on the command line."""
+    from datamodules.edit_datamodule import CounterFactDataModule, ZsREDataModule
+    from lit_modules.cli import EditorCLI
+    from lit_modules.ke import KEModule
+
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(tiny_run.read_text())
+    config["model"]["class_path"] = "KEModule"
+    config["data"]["class_path"] = "CounterFactDataModule"
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(config))
+    cli = EditorCLI(run=False, args=["--config", str(short)])
+    assert type(cli.model) is KEModule and type(cli.datamodule) is CounterFactDataModule
+    assert cli.model.config.layers == [-1]
+    # The full class paths of the original file still work, and a name on the command line wins.
+    cli = EditorCLI(run=False, args=["--config", str(tiny_run), "--data", "ZsREDataModule", "--data.data", "zsre-demo", "--data.tokenizer", config["data"]["init_args"]["tokenizer"]])
+    assert type(cli.model) is KEModule and type(cli.datamodule) is ZsREDataModule

@@ -1,8 +1,9 @@
 """MEMIT (Meng et al., 2023) and the methods that share its machinery: PMET and AlphaEdit."""
 
-from .alphaedit import AlphaEdit, AlphaEditConfig
-from .config import MEMITConfig
-from .editor import MEMIT
-from .pmet import PMET, PMETConfig
+from ..registry import lazy_attributes
+from .config import AlphaEditConfig, MEMITConfig, PMETConfig
 
 __all__ = ["MEMITConfig", "MEMIT", "PMETConfig", "PMET", "AlphaEditConfig", "AlphaEdit"]
+
+# The methods themselves, and torch, are imported on first access to one of their names.
+__getattr__ = lazy_attributes(__name__, ".editor", ".pmet", ".alphaedit")

@@ -17,24 +17,11 @@ in single-edit evaluation) stop counting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..base import Edit, register_editor
-from .config import MEMITConfig
+from .config import AlphaEditConfig
 from .editor import MEMIT
-
-
-@dataclass
-class AlphaEditConfig(MEMITConfig):
-    nullspace_threshold: float = field(default=2e-2, metadata={"help": "eigenvalues of C below this span the preserved keys' null space"})
-    l2: float = field(default=10.0, metadata={"help": "alpha: ridge term of the update"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.nullspace_threshold <= 0 or self.l2 < 0:
-            raise ValueError("nullspace_threshold must be > 0 and l2 >= 0")
 
 
 @register_editor("alphaedit", AlphaEditConfig)

@@ -24,3 +24,24 @@ class MEMITConfig(LocateConfig):
             raise ValueError(f"layers must be distinct and increasing, got {self.layers}")
         if self.mom2_update_weight < 0:
             raise ValueError("mom2_update_weight must be >= 0")
+
+
+@dataclass
+class PMETConfig(MEMITConfig):
+    """PMET's settings (:mod:`editors.memit.pmet`): MEMIT's, with each optimised vector clamped
+    relative to its own module's output."""
+
+    clamp_norm_factor: float = field(default=4.0, metadata={"help": "each vector's norm is clamped to this multiple of its module's output norm"})
+
+
+@dataclass
+class AlphaEditConfig(MEMITConfig):
+    """AlphaEdit's settings (:mod:`editors.memit.alphaedit`): MEMIT's, plus the null-space projection."""
+
+    nullspace_threshold: float = field(default=2e-2, metadata={"help": "eigenvalues of C below this span the preserved keys' null space"})
+    l2: float = field(default=10.0, metadata={"help": "alpha: ridge term of the update"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_threshold <= 0 or self.l2 < 0:
+            raise ValueError("nullspace_threshold must be > 0 and l2 >= 0")

@@ -16,17 +16,11 @@ MEMIT's plain division) follows the reference implementation of the paper.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from ..base import register_editor
 from ..rome.values import optimise_values
-from .config import MEMITConfig
+from .config import PMETConfig
 from .editor import MEMIT
-
-
-@dataclass
-class PMETConfig(MEMITConfig):
-    clamp_norm_factor: float = field(default=4.0, metadata={"help": "each vector's norm is clamped to this multiple of its module's output norm"})
 
 
 @register_editor("pmet", PMETConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from editors.learned import LearnedConfig
+from editors.config import LearnedConfig
 
 
 @dataclass

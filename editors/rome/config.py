@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..base import EditorConfig
+from ..config import EditorConfig
 
 
 @dataclass

@@ -26,9 +26,10 @@ Total 14,308,674 trained parameters (57 MB in float32); the lower 26 blocks, the
 (49152 x 576) and the output embedding are the model's own, shared and frozen, and not saved.
 """
 
+from ..registry import lazy_attributes
 from .config import SERACConfig
-from .editor import SERAC, SERACEdit
-from .memory import Bank, EditMemory, Job, base_pass, counterfactual_states, route, routed_hidden
-from .network import SERACNetwork
 
 __all__ = ["SERAC", "SERACConfig", "SERACEdit", "SERACNetwork", "EditMemory", "Bank", "Job", "base_pass", "counterfactual_states", "route", "routed_hidden"]
+
+# The method itself, and torch, are imported on first access to one of its names.
+__getattr__ = lazy_attributes(__name__, ".editor", ".memory", ".network")

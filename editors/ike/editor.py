@@ -55,37 +55,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .base import Edit, EditError, Editor, EditorConfig, EditRequest, register_editor
-from .lm import cache_argument, cache_in, cache_of, join_text, model_device
+from ..base import Edit, EditError, Editor, EditRequest, register_editor
+from ..lm import cache_argument, cache_in, cache_of, join_text, model_device
+from .config import IKEConfig
 
 logger = logging.getLogger(__name__)
 
 PREFIX_ATTRIBUTE = "ike_context"  # where a model keeps its ContextPrefix while IKE edits are applied
-
-
-@dataclass
-class IKEConfig(EditorConfig):
-    # The paper uses k = 32 demonstrations with 6B-parameter models. Every forward pass of the
-    # edited model carries the context, so for SmolLM2-135M on a CPU a shorter context (about 30
-    # tokens per demonstration) keeps evaluation affordable.
-    k: int = field(default=8, metadata={"help": "number of demonstrations chosen from the pool (nearest by cosine similarity)"})
-    builtin_pool: bool = field(default=True, metadata={"help": "add the built-in generic counterfactual facts to the demonstration pool"})
-    pool_path: str | None = field(
-        default=None, metadata={"help": "optional CounterFact-format file whose records join the pool (read once in prepare)"}
-    )
-    pool_limit: int = field(default=200, metadata={"help": "use at most this many records of pool_path"})
-    embed_batch_size: int = field(default=16, metadata={"help": "sentences per forward pass when embedding the pool"})
-
-    def __post_init__(self) -> None:
-        if self.k < 0 or self.pool_limit < 0 or self.embed_batch_size < 1:
-            raise ValueError("k and pool_limit must be >= 0 and embed_batch_size >= 1")
 
 
 # Generic counterfactual facts for demonstrations, in CounterFact's shape (prompt, new target,
@@ -341,7 +323,7 @@ class IKEEdit(Edit):
 def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Unit-norm mean-pooled final hidden states ``[n, hidden]`` of the model itself (section 3.3's
     sentence embeddings, without an external encoder); any applied IKE context is left out."""
-    from .lm import hidden_states
+    from ..lm import hidden_states
 
     prefix = ContextPrefix.of(model)
     device = model_device(model)

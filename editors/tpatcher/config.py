@@ -1,0 +1,47 @@
+"""Settings of T-Patcher (Huang et al., 2023, "Transformer-Patcher: One Mistake Worth One Neuron", ICLR)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import EditorConfig
+
+
+@dataclass
+class TPatcherConfig(EditorConfig):
+    # Defaults for SmolLM2-135M (30 blocks, hidden 576, MLP 1536): the patch sits in the last
+    # block's FFN as in the paper; its MLP inputs are RMS-normed, with norms of order 10-30.
+    layer: int = field(default=-1, metadata={"help": "block whose FFN gets the patch neurons; negative counts from the top (-1: the last, as in the paper)"})
+    # Measured on the first 10 demo edits (ES / PS / NS / token locality): generic memory only and
+    # 40 steps at lr 0.01, 1.0/0.50/0.38/0.34; adding the fact prompts, 0.70/0.35/0.86/0.76 (the
+    # edit loss no longer converges in 40 steps); fact prompts with 100 steps at lr 0.03 (the
+    # defaults), 1.0/0.45/0.62/0.56.
+    steps: int = field(default=100, metadata={"help": "maximum optimisation steps"})
+    lr: float = field(default=3e-2, metadata={"help": "Adam learning rate for the patch's key, bias and value"})
+    edit_weight: float = field(default=1.0, metadata={"help": "weight of the edit loss (new target's NLL)"})
+    act_weight: float = field(default=1.0, metadata={"help": "weight a of the activation loss (paper: a)"})
+    memory_weight: float = field(default=10.0, metadata={"help": "weight m of the memory loss (paper: m)"})
+    act_margin: float = field(default=1.0, metadata={"help": "the patch's pre-activation at the edit prompt's last token must reach this"})
+    memory_margin: float = field(default=-1.0, metadata={"help": "the patch's pre-activation on memory inputs must stay below this (<= 0: ReLU output exactly zero)"})
+    activation: str = field(default="relu", metadata={"help": "patch activation: relu (exactly silent below zero), gelu, gelu_tanh, silu"})
+    generic_memory: bool = field(default=True, metadata={"help": "add the built-in generic sentences to the memory of inputs the patch must ignore"})
+    fact_memory: bool = field(
+        default=True, metadata={"help": "add the built-in fact prompts (factual questions about other subjects) to the memory"}
+    )
+    request_memory: bool = field(
+        default=False,
+        metadata={"help": "also add each request's locality probes and neighbourhood prompts to the memory (they are evaluation probes: scores on them are then not held out)"},
+    )
+    stop_loss: float = field(default=1e-2, metadata={"help": "stop early once the edit NLL is below this and both margins hold"})
+    targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
+
+    def __post_init__(self) -> None:
+        from ..ffn_patch import check_activation  # the activations are torch functions
+
+        check_activation(self.activation)
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+        if self.memory_margin >= self.act_margin:
+            raise ValueError(f"memory_margin ({self.memory_margin}) must be below act_margin ({self.act_margin})")
+        if min(self.edit_weight, self.act_weight, self.memory_weight) < 0:
+            raise ValueError("loss weights must be non-negative")

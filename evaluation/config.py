@@ -1,0 +1,137 @@
+"""The settings of an ``edit.py`` run besides the editor's: its modes, how edits are scored
+(:class:`EvalConfig`) and the general-ability suite (:class:`GeneralConfig`).
+
+Plain data that imports no torch, so that ``edit.py --help`` lists them quickly. The code that
+uses them (:mod:`evaluation.runner`, :mod:`evaluation.scoring`, :mod:`evaluation.general`)
+re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# How edit.py applies the edits (see :mod:`evaluation.runner`), and where a sequential run scores
+# all edits so far and the general suite unless --checkpoints says otherwise.
+MODES = ("single", "batch", "sequential")
+DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass
+class EvalConfig:
+    """How edits are scored (shared by every editor and mode)."""
+
+    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
+    fluency: bool = field(default=True, metadata={"help": "sample from the case's generation prompts and score their n-gram entropy (fluency)"})
+    generation_prompts: int = field(
+        default=1,
+        metadata={"help": "distinct generation prompts sampled per case for fluency (ROME uses all 10 of CounterFact's; each costs about 6 s on 2 CPU cores)"},
+    )
+    generation_length: int = field(default=100, metadata={"help": "new tokens per fluency sample (ROME: 100)"})
+    top_k: int = field(default=5, metadata={"help": "top-k sampling of the fluency samples (ROME: 5)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed, the same for the pre- and post-edit samples"})
+    generation_scoring: bool = field(
+        default=True,
+        metadata={"help": "also answer the edit, rephrased and portability prompts by greedy generation and score exact match and containment (gen_* keys)"},
+    )
+    generation_max_new_tokens: int = field(
+        default=16,
+        metadata={"help": "cap on a greedy answer's new tokens (each answer gets its longest accepted answer's token length + 3)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.generation_max_new_tokens < 1:
+            raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
+
+
+# --------------------------------------------------------------------------------------------
+# The general-ability suite (:mod:`evaluation.general`)
+# --------------------------------------------------------------------------------------------
+
+TASKS: tuple[str, ...] = (
+    "mmlu",
+    "gsm8k",
+    "bbh",
+    "commonsense_qa",
+    "triviaqa",
+    "truthfulqa_mc1",
+    "truthfulqa_mc2",
+    "hellaswag",
+    "arc_easy",
+    "arc_challenge",
+    "piqa",
+    "boolq",
+    "lambada",
+    "wikitext",
+)
+
+GENERAL_SOURCES = ("local", "hub")
+
+
+class UnknownTaskError(ValueError):
+    pass
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise UnknownTaskError(f"unknown general-ability task(s) {', '.join(map(repr, unknown))}; supported: {', '.join(TASKS)}")
+    duplicates = sorted({name for name in tasks if list(tasks).count(name) > 1})
+    if duplicates:
+        raise ValueError(f"general-ability task(s) listed twice: {', '.join(duplicates)}")
+
+
+@dataclass
+class GeneralConfig:
+    """The general-ability suite run on the edited model: which tasks, on which data, how many items."""
+
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"general-ability tasks to score; empty turns the suite off. Any of: {', '.join(TASKS)}"},
+    )
+    limit: int | None = field(
+        default=100,
+        metadata={
+            "help": "items per task (None: all). MMLU and BBH: a total over all subjects, a fixed sample drawn with `seed`; "
+            "wikitext: whole articles (the test set has 62, about 4,900 tokens each)"
+        },
+    )
+    task_limits: dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "per-task overrides of `limit`, e.g. {wikitext: 3} (local source only)"},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of the local benchmark files (default: $FACTEDIT_GENERAL_DATA, else <project>/../shared/data/general)"},
+    )
+    source: str = field(default="local", metadata={"help": "'local': the files in data_dir; 'hub': lm-eval's standard tasks (needs internet)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass (at most batch_size * 256 tokens)"})
+    num_fewshot: int = field(
+        default=0,
+        metadata={
+            "help": "few-shot examples per prompt, fixed for the run and drawn with `seed` from items that are not evaluated "
+            "(MMLU: the subject's dev set; BBH: the task's prompt file, at most 3). Not used by lambada, wikitext and "
+            "truthfulqa (which has its fixed six-question primer)"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the MMLU/BBH item sample and of the few-shot draw"})
+
+    def __post_init__(self) -> None:
+        self.tasks = list(self.tasks or [])
+        check_tasks(self.tasks)
+        if self.source not in GENERAL_SOURCES:
+            raise ValueError(f"general source must be one of {GENERAL_SOURCES}, got {self.source!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"general limit must be a positive number of items or None, got {self.limit}")
+        self.task_limits = dict(self.task_limits or {})
+        check_tasks(list(self.task_limits))
+        if any(not isinstance(n, int) or n < 1 for n in self.task_limits.values()):
+            raise ValueError(f"general task_limits must map tasks to positive numbers of items, got {self.task_limits}")
+        if self.batch_size < 1:
+            raise ValueError(f"general batch_size must be at least 1, got {self.batch_size}")
+        if self.num_fewshot < 0:
+            raise ValueError(f"general num_fewshot must be >= 0, got {self.num_fewshot}")
+
+    def limit_of(self, task: str) -> int | None:
+        """Items scored for ``task``: its entry in ``task_limits``, else ``limit``."""
+        return self.task_limits.get(task, self.limit) if self.task_limits else self.limit
