@@ -39,7 +39,7 @@ logger = logging.getLogger("edit")
 DEFAULT_EDITOR = "ft_m"
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"limit", "overwrite", "progress", "config", "out", "device"}
+RESUMABLE_CHANGES = {"limit", "overwrite", "progress", "config", "out", "device", "threads"}
 
 
 def _editor_name(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -148,6 +148,7 @@ def build_parser(editor_name: str) -> ArgumentParser:
     parser.add_argument("--device_map", "--device-map", type=Optional[str], default=None, help="'auto' spreads a large model over the available devices (accelerate); overrides --device")
     parser.add_argument("--trust_remote_code", "--trust-remote-code", type=bool, default=False, nargs="?", const=True, help="allow custom model code from the hub (off unless asked)")
     parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
+    parser.add_argument("--threads", type=str, default="auto", help="CPU threads of PyTorch: a number, or auto (the cores other processes leave free, from the load average; OMP_NUM_THREADS set in the environment wins)")
     add_settings(parser, EvalConfig, "eval", help="how edits are scored")
     add_settings(parser, GeneralConfig, "general", help="general-ability suite on the edited model (sequential: at checkpoints; batch: after the first call)")
     return parser
@@ -293,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from .distributed import init_from_environment
     from .runner import EditorSetupError, EditRun
+    from .threads import set_threads
+
+    try:
+        set_threads(cfg.threads)
+    except ValueError as err:
+        parser.error(str(err))
 
     editor_cls = get_editor(cfg.editor.name)
     settings = {k: v for k, v in vars(cfg.editor).items() if k != "name"}

@@ -41,7 +41,10 @@ def choose_threads(requested: int | str | None = AUTO, cores: int | None = None,
     """The number of threads to use and why (for the log): ``requested`` if it is a number,
     else ``OMP_NUM_THREADS`` if set, else the rule of the module docstring."""
     if requested not in (None, AUTO):
-        threads = int(requested)
+        try:
+            threads = int(requested)
+        except (TypeError, ValueError):
+            raise ValueError(f"--threads must be a number of threads or 'auto', got {requested!r}") from None
         if threads < 1:
             raise ValueError(f"--threads must be at least 1 or 'auto', got {requested}")
         return threads, "--threads"

@@ -79,6 +79,18 @@ class EditorCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(model_class, datamodule_class, *args, subclass_mode_model=subclass_mode_model, subclass_mode_data=subclass_mode_data, **kwargs)
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--threads", type=str, default="auto",
+            help="CPU threads of PyTorch: a number, or auto (the cores other processes leave free; OMP_NUM_THREADS set in the environment wins)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        from evaluation.threads import set_threads
+
+        config = self.config[self.config.subcommand] if getattr(self.config, "subcommand", None) else self.config
+        set_threads(config.get("threads", "auto"))
+
     def _parse_ckpt_path(self) -> None:
         # Lightning reads an explicit --ckpt_path file here (for its hyperparameters), before the
         # trainer exists; "last" is resolved and read later, by the checkpoint IO.
