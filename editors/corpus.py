@@ -95,7 +95,9 @@ def model_samples(
 
     Each step of sampling reads every weight of the model once whatever the number of rows, so
     large batches share that read (SmolLM2-135M on one CPU thread: about 120 sampled tokens/s at
-    batch 32, 150 at batch 64).
+    batch 32, 150 at batch 64). The progress bar counts sampled tokens and moves at every step, so
+    its rate and time estimate are live from the first steps; the batches and the random stream
+    are those of ``batch_size``, so the texts do not depend on the bar.
     """
     if n_texts < 1 or length < 1 or batch_size < 1:
         raise ValueError(f"n_texts, length and batch_size must be >= 1, got {n_texts}, {length}, {batch_size}")
@@ -108,7 +110,13 @@ def model_samples(
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     texts: list[str] = []
-    bar = tqdm(total=n_texts, desc="sampling corpus from the model", unit="text", disable=not progress)
+    batches = -(-n_texts // batch_size)
+    logger.info(
+        "sampling %d texts of %d tokens from the model for its statistics corpus: %d decoding steps in %d batch(es); "
+        "done once per model, then read from the cache",
+        n_texts, length, batches * length, batches,
+    )
+    bar = tqdm(total=n_texts * length, desc=f"sampling corpus from the model ({n_texts} texts)", unit="tok", unit_scale=True, disable=not progress)
     while len(texts) < n_texts:
         rows = min(batch_size, n_texts - len(texts))
         token = torch.full((rows, 1), start, dtype=torch.long, device=device)
@@ -120,8 +128,8 @@ def model_samples(
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator)
             sampled.append(token)
+            bar.update(rows)
         texts += tokenizer.batch_decode(torch.cat(sampled, dim=1).tolist(), skip_special_tokens=True)
-        bar.update(rows)
     bar.close()
     return texts
 

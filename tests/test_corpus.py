@@ -43,6 +43,32 @@ def test_model_samples_are_reproducible_per_seed(build, tokenizer):
     assert len(set(first)) == 5, "the texts of one batch must differ"
 
 
+def test_model_samples_bar_moves_at_every_step_and_the_cost_is_logged_first(tokenizer, monkeypatch, caplog):
+    """The bar counts sampled tokens, one update per decoding step, and the log states the work
+    before the first step; the texts are the same with the bar on or off."""
+    updates: list[tuple[int, int]] = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total = total
+
+        def update(self, n):
+            updates.append((self.total, n))
+
+        def close(self):
+            pass
+
+    model = build_llama(len(tokenizer))
+    quiet = model_samples(model, tokenizer, 5, length=3, seed=0, batch_size=2, progress=False)
+    monkeypatch.setattr(corpus, "tqdm", Recorder)
+    with caplog.at_level(logging.INFO, logger="editors.corpus"):
+        shown = model_samples(model, tokenizer, 5, length=3, seed=0, batch_size=2, progress=True)
+    assert shown == quiet
+    assert [n for _, n in updates] == [2, 2, 2, 2, 2, 2, 1, 1, 1]  # three batches (2, 2, 1 rows) of 3 steps
+    assert {total for total, _ in updates} == {15}
+    assert "5 texts of 3 tokens" in caplog.text and "9 decoding steps in 3 batch(es)" in caplog.text
+
+
 def _first_inputs(model, run) -> list[int]:
     """The token ids the model's embedding saw on its first call during ``run()``."""
     seen = []
