@@ -1,10 +1,11 @@
 """How many threads PyTorch uses on the CPU.
 
-PyTorch starts one intra-op thread per core. On a small machine where another process is busy,
-those threads wait on each other at every operation (OpenMP barriers), and a run becomes two to
-three times slower than on one thread: ``scripts/bench_threads.py`` measured 2.0x for the default
-model's forward and backward pass and 2.6x for a decoding step beside one busy neighbour on two
-cores (the README's "Run on a busy machine: threads"). The default, ``auto``, therefore leaves the cores that other processes already use:
+PyTorch starts one intra-op thread per core. On a small machine where another process is busy, those
+threads wait on each other at every operation (OpenMP barriers), and a run becomes two to three
+times slower than on one thread: ``scripts/bench_threads.py`` measured 2.0x for the default model's
+forward and backward pass and 2.6x for a decoding step beside one busy neighbour on two cores (the
+README's "Run on a busy machine: threads"). The default, ``auto``, therefore leaves the cores that
+other processes already use:
 
     threads = max(1, min(cores, round(cores - load)))
 

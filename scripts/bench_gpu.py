@@ -7,7 +7,7 @@ is downloaded and a 7B model is ready in seconds. Time and memory depend on the 
 weights' values, with one exception: the optimisation loops that stop once the new target is
 reached (FT-M's, ROME's value vector) run their full step count on random weights, so their
 seconds are upper bounds for a trained model. For each shape and dtype it prints the weights'
-memory, greedy decoding in ms per new token (batch 1 and 16, with the KV cache), and for FT-M
+memory, greedy decoding in ms per decoding step (batch 1 and 16, with the KV cache), and for FT-M
 (25 steps at most) and ROME (20 value steps at most, layer and settings of ``configs/rome/``) the
 seconds of one edit and the peak memory allocated on the device; ROME's key statistics (256 texts
 of 128 tokens sampled from the model, as ``stats_corpus: model``) are timed apart, since a run
@@ -23,12 +23,12 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from bench_scoring import decode_ms_per_token  # noqa: E402  (this folder is on sys.path when run as a script)
 
 # shape name -> (transformers config class, its arguments, ROME layer, FT-M layer)
 SHAPES = {
@@ -77,84 +77,53 @@ def build(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     return model, rome_layer, ft_layer
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed_edit(editor, model, tokenizer, request, config, device) -> tuple[float, float]:
+    """Seconds and peak memory (GiB: allocated on a GPU, the process's RSS on a CPU) of one edit,
+    reverted afterwards."""
+    from evaluation.efficiency import measure
 
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-@torch.no_grad()
-def decode_ms(model, tokenizer, batch: int, device: torch.device, new_tokens: int = 64) -> float:
-    prompts = ["The mother tongue of Danielle Darrieux is"] * batch
-    inputs = tokenizer(prompts, return_tensors="pt").to(device)
-    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
-    model.generate(**inputs, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
-    sync(device)
-    start = time.perf_counter()
-    model.generate(**inputs, **kwargs)
-    sync(device)
-    return (time.perf_counter() - start) / new_tokens * 1000
-
-
-def timed_edit(editor, model, tokenizer, request, config, device):
-    reset_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    edit = editor.apply(model, tokenizer, [request], config)
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = peak_gb(device)
+    with measure(device) as cost:
+        edit = editor.apply(model, tokenizer, [request], config)
     edit.revert(model)
-    return seconds, peak
+    return cost.seconds, cost.peak_memory_mb / 1024
 
 
 def bench(shape: str, dtype_name: str, tokenizer, device: torch.device) -> dict:
     from editors import EditRequest, get_editor
+    from evaluation.efficiency import measure
 
     dtype = getattr(torch, dtype_name)
     row: dict = {"shape": shape, "dtype": dtype_name, "device": str(device)}
-    start = time.perf_counter()
-    model, rome_layer, ft_layer = build(shape, len(tokenizer), dtype, device)
-    sync(device)
-    row["build_seconds"] = round(time.perf_counter() - start, 1)
+    with measure(device) as cost:
+        model, rome_layer, ft_layer = build(shape, len(tokenizer), dtype, device)
+    row["build_seconds"] = round(cost.seconds, 1)
     row["parameters_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     row["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
     request = EditRequest(case_id="bench", prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
                           target_new="English", target_true="French")
     for batch in (1, 16):
-        try:
-            row[f"decode_ms_per_step_batch{batch}"] = round(decode_ms(model, tokenizer, batch, device), 2)
+        try:  # a decoding step serves the whole batch
+            row[f"decode_ms_per_step_batch{batch}"] = round(decode_ms_per_token(model, tokenizer, batch, new_tokens=64) * batch, 2)
         except Exception as error:  # report and go on: one failure must not hide the other figures
             row[f"decode_ms_per_step_batch{batch}"] = f"failed: {type(error).__name__}: {error}"[:200]
     ft = get_editor("ft_m")
     try:
         timed_edit(ft(), model, tokenizer, request, ft.config_class(layers=[ft_layer], steps=2), device)  # warm-up
         seconds, peak = timed_edit(ft(), model, tokenizer, request, ft.config_class(layers=[ft_layer]), device)
-        row.update(ft_m_edit_seconds=round(seconds, 2), ft_m_peak_gb=round(peak, 2) if peak is not None else None)
+        row.update(ft_m_edit_seconds=round(seconds, 2), ft_m_peak_gb=round(peak, 2))
     except Exception as error:
         row["ft_m"] = f"failed: {type(error).__name__}: {error}"[:300]
     rome = get_editor("rome")
     try:
         config = rome.config_class(layer=rome_layer)
         editor = rome()
-        reset_peak(device)
-        sync(device)
-        start = time.perf_counter()
-        editor.prepare(model, tokenizer, config)
-        sync(device)
-        row["rome_statistics_seconds"] = round(time.perf_counter() - start, 1)
-        seconds, peak = timed_edit(editor, model, tokenizer, request, config, device)
+        with measure(device) as cost:
+            editor.prepare(model, tokenizer, config)
+        row["rome_statistics_seconds"] = round(cost.seconds, 1)
+        seconds, _ = timed_edit(editor, model, tokenizer, request, config, device)
         row["rome_first_edit_seconds"] = round(seconds, 2)
         seconds, peak = timed_edit(editor, model, tokenizer, request, config, device)
-        row.update(rome_edit_seconds=round(seconds, 2), rome_peak_gb=round(peak, 2) if peak is not None else None)
+        row.update(rome_edit_seconds=round(seconds, 2), rome_peak_gb=round(peak, 2))
     except Exception as error:
         row["rome"] = f"failed: {type(error).__name__}: {error}"[:300]
     del model

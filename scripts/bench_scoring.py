@@ -43,16 +43,24 @@ def with_timer(fn, totals: dict[str, float], label: str):
 
 @torch.no_grad()
 def decode_ms_per_token(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
-    """Milliseconds per new token and sequence of greedy decoding with the KV cache."""
+    """Milliseconds per new token and sequence of greedy decoding with the KV cache, on the
+    model's device (a GPU is synchronised before the clock is read)."""
+    from editors.lm import model_device
+
+    device = model_device(model)
     prompts = ["The mother tongue of Danielle Darrieux is"] * batch
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     tokenizer.padding_side = side
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
     model.generate(**inputs, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     model.generate(**inputs, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / (new_tokens * batch) * 1000
 
 
