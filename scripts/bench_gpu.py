@@ -8,7 +8,8 @@ weights' values, with one exception: the optimisation loops that stop once the n
 reached (FT-M's, ROME's value vector) run their full step count on random weights, so their
 seconds are upper bounds for a trained model. For each shape and dtype it prints the weights'
 memory, greedy decoding in ms per decoding step (batch 1 and 16, with the KV cache), and for FT-M
-(25 steps at most) and ROME (20 value steps at most, layer and settings of ``configs/rome/``) the
+(25 steps at most) and ROME (the editor settings of ``configs/rome/counterfact.yaml``, ``gpt2-xl.yaml``
+and ``llama-7b.yaml``: layer, value steps, weight decay) the
 seconds of one edit and the peak memory allocated on the device; ROME's key statistics (256 texts
 of 128 tokens sampled from the model, as ``stats_corpus: model``) are timed apart, since a run
 computes them once. ``--tokenizer`` is any tokenizer folder (the default model's is saved by
@@ -25,43 +26,55 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from bench_scoring import decode_ms_per_token  # noqa: E402  (this folder is on sys.path when run as a script)
 
-# shape name -> (transformers config class, its arguments, ROME layer, FT-M layer)
+# shape name -> (transformers config class, its arguments, ROME settings: a config file of configs/rome/
+# whose editor block is used, or the settings themselves; FT-M layer)
 SHAPES = {
     "smollm2-135m": (
         "LlamaConfig",
         dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
-        4, 3,
+        "configs/rome/counterfact.yaml", 3,
     ),
     "gpt2-xl": (
         "GPT2Config",
         dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
-        17, 21,
+        "configs/rome/gpt2-xl.yaml", 21,
     ),
     "llama-7b": (
         "LlamaConfig",
         dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False),
-        5, 21,
+        "configs/rome/llama-7b.yaml", 21,
     ),
     "tiny-llama": (  # a smoke test of this script on any machine
         "LlamaConfig",
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512),
-        1, 1,
+        {"layer": 1}, 1,
     ),
 }
+
+
+def rome_settings(source: str | dict) -> dict:
+    """ROME's settings for a shape: the ``editor`` block of a config file (its ``name`` aside)."""
+    if isinstance(source, dict):
+        return source
+    import yaml
+
+    editor = yaml.safe_load((ROOT / source).read_text())["editor"]
+    return {key: value for key, value in editor.items() if key != "name"}
 
 
 def build(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     import transformers
 
-    class_name, kwargs, rome_layer, ft_layer = SHAPES[shape]
+    class_name, kwargs, _, ft_layer = SHAPES[shape]
     kwargs = dict(kwargs)
     if class_name == "LlamaConfig":
         kwargs["vocab_size"] = vocab
@@ -74,7 +87,7 @@ def build(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     finally:
         torch.set_default_dtype(previous)
     model.eval().requires_grad_(False)
-    return model, rome_layer, ft_layer
+    return model, ft_layer
 
 
 def timed_edit(editor, model, tokenizer, request, config, device) -> tuple[float, float]:
@@ -95,7 +108,7 @@ def bench(shape: str, dtype_name: str, tokenizer, device: torch.device) -> dict:
     dtype = getattr(torch, dtype_name)
     row: dict = {"shape": shape, "dtype": dtype_name, "device": str(device)}
     with measure(device) as cost:
-        model, rome_layer, ft_layer = build(shape, len(tokenizer), dtype, device)
+        model, ft_layer = build(shape, len(tokenizer), dtype, device)
     row["build_seconds"] = round(cost.seconds, 1)
     row["parameters_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     row["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
@@ -115,7 +128,7 @@ def bench(shape: str, dtype_name: str, tokenizer, device: torch.device) -> dict:
         row["ft_m"] = f"failed: {type(error).__name__}: {error}"[:300]
     rome = get_editor("rome")
     try:
-        config = rome.config_class(layer=rome_layer)
+        config = rome.config_class(**rome_settings(SHAPES[shape][2]))
         editor = rome()
         with measure(device) as cost:
             editor.prepare(model, tokenizer, config)
