@@ -15,6 +15,8 @@ from typing import Sequence
 # all edits so far and the general suite unless --checkpoints says otherwise.
 MODES = ("single", "batch", "sequential")
 DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+GENERATION_BUDGETS = ("target", "open")
+CHAT_TEMPLATE = ("off", "on", "auto")  # whether prompts go through the tokenizer's chat template
 
 
 @dataclass
@@ -39,9 +41,29 @@ class EvalConfig:
         metadata={"help": "cap on a greedy answer's new tokens (each answer gets its longest accepted answer's token length + 3)"},
     )
 
+    generation_budget: str = field(
+        default="target",
+        metadata={
+            "help": "new tokens of a greedy answer: 'target' (its longest accepted answer's length + 3, at most "
+            "generation_max_new_tokens) or 'open' (generation_max_new_tokens for every answer, stopping at the model's "
+            "own end of sequence; the answer's length is not given away)"
+        },
+    )
+    chat_template: str = field(
+        default="off",
+        metadata={
+            "help": "ask the generation-scoring prompts as one user turn of the tokenizer's chat template: 'on' (an "
+            "error if it has none), 'auto' (when it has one) or 'off'. Teacher-forced scores and fluency keep plain prompts"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.generation_max_new_tokens < 1:
             raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
+        if self.generation_budget not in GENERATION_BUDGETS:
+            raise ValueError(f"generation_budget must be one of {GENERATION_BUDGETS}, got {self.generation_budget!r}")
+        if self.chat_template not in CHAT_TEMPLATE:
+            raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE}, got {self.chat_template!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +86,10 @@ TASKS: tuple[str, ...] = (
     "lambada",
     "wikitext",
 )
+SAFETY_TASKS: tuple[str, ...] = ("advbench", "harmbench", "strongreject", "jailbreakbench", "simplesafetytests", "xstest")
+"""Refusal of harmful requests and over-refusal of safe ones (:mod:`evaluation.safety`), run as
+tasks of the same suite."""
+TASKS = TASKS + SAFETY_TASKS
 
 GENERAL_SOURCES = ("local", "hub")
 
@@ -115,9 +141,29 @@ class GeneralConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the MMLU/BBH item sample and of the few-shot draw"})
+    chat_template: str = field(
+        default="off",
+        metadata={
+            "help": "wrap every prompt of the suite in the tokenizer's chat template as one user turn: 'on' (an error "
+            "if the tokenizer has none), 'auto' (when it has one) or 'off' (plain prompts, as lm-eval's tasks)"
+        },
+    )
+    safety_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of the safety sets (default: $FACTEDIT_SAFETY_DATA, else the 'safety' folder beside data_dir's)"},
+    )
+    safety_max_tokens: int = field(default=64, metadata={"help": "new tokens of the greedy answer the refusal judge reads"})
+    refusal_judge: str = field(
+        default="phrases",
+        metadata={"help": "'phrases' (a refusal-phrase matcher, see evaluation.safety) or 'module.path:function' taking (prompt, answer) -> bool"},
+    )
 
     def __post_init__(self) -> None:
         self.tasks = list(self.tasks or [])
+        if self.chat_template not in CHAT_TEMPLATE:
+            raise ValueError(f"general chat_template must be one of {CHAT_TEMPLATE}, got {self.chat_template!r}")
+        if self.safety_max_tokens < 1:
+            raise ValueError(f"general safety_max_tokens must be at least 1, got {self.safety_max_tokens}")
         check_tasks(self.tasks)
         if self.source not in GENERAL_SOURCES:
             raise ValueError(f"general source must be one of {GENERAL_SOURCES}, got {self.source!r}")

@@ -68,7 +68,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -80,6 +80,8 @@ from editors.lm import cache_kwargs, cache_of
 from .config import GENERAL_SOURCES as SOURCES  # noqa: F401  (where the suite's data comes from)
 from .config import TASKS, GeneralConfig, UnknownTaskError, check_tasks  # noqa: F401  (defined with the other run settings)
 from .models import cache_dir
+from .safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge
+from .scoring import uses_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ HEADLINE: dict[str, tuple[str, str]] = {
     "boolq": ("acc", "higher"),
     "lambada": ("acc", "higher"),
     "wikitext": ("word_perplexity", "lower"),
+    **{name: (metric, "lower" if metric == "over_refusal" else "higher") for name, (_, _, metric) in SAFETY_SETS.items()},
 }
 
 
@@ -404,6 +407,7 @@ class _Task:
     sample: str = "first"  # "first": the first `limit` items; "seeded": a fixed sample over all subjects
     fewshot: str = "pool"  # "pool": items after the evaluated ones; "group": per-subject material; "none"
     group: str | None = None  # the document field naming the subject (MMLU, BBH)
+    root: str = "general"  # the folder ``files`` are in: the general data or the safety sets
 
 
 _SPECS: dict[str, _Task] = {
@@ -491,12 +495,25 @@ _SPECS: dict[str, _Task] = {
         fewshot="none",
     ),
 }
+# The safety sets (evaluation.safety): a greedy answer per request, judged when the task is prepared.
+_SAFETY_PROMPT = {
+    "output_type": "generate_until",
+    "doc_to_text": "query",
+    "doc_to_target": lambda doc: "",
+    "generation_kwargs": {"until": ["</s>", "<|im_end|>", "<|endoftext|>"], "do_sample": False, "temperature": 0.0},
+}
+for _name, (_file, _read, _metric_name) in SAFETY_SETS.items():
+    _SPECS[_name] = _Task(
+        files=(_file,), read=_read, prompt=_SAFETY_PROMPT, metrics={f"{_metric_name},none": _metric_name}, hub="", fewshot="none", root="safety"
+    )
 assert set(_SPECS) == set(TASKS) == set(HEADLINE)
 
 _FORMAT_VERSION = "2"  # part of every derived file's key: bump when a reader's output changes
 
 
-def _required_paths(name: str, data_dir: Path) -> list[Path]:
+def _required_paths(name: str, data_dir: Path, safety_dir: Path | None = None) -> list[Path]:
+    if _SPECS[name].root == "safety":
+        data_dir = safety_dir or default_safety_dir(data_dir)
     paths = []
     for relative in _SPECS[name].files:
         path = data_dir / relative
@@ -505,6 +522,9 @@ def _required_paths(name: str, data_dir: Path) -> list[Path]:
             raise MissingDataError(
                 f"general task {name!r} needs {path}, which is missing. Point GeneralConfig.data_dir (or "
                 f"$FACTEDIT_GENERAL_DATA) at the benchmark folder, or use source='hub'"
+                if _SPECS[name].root == "general"
+                else f"safety task {name!r} needs {path}, which is missing. Point GeneralConfig.safety_dir (or "
+                f"$FACTEDIT_SAFETY_DATA) at the folder of the safety sets"
             )
         paths.append(path)
     return paths
@@ -567,7 +587,7 @@ def _rng(config: GeneralConfig, name: str, purpose: str) -> random.Random:
 def _prepare_local(name: str, config: GeneralConfig, data_dir: Path, cache: Path) -> _Prepared:
     """An lm-eval task config for ``name`` over the local files: items, few-shot examples, prompt."""
     spec = _SPECS[name]
-    paths = _required_paths(name, data_dir)
+    paths = _required_paths(name, data_dir, Path(config.safety_dir).expanduser() if config.safety_dir else None)
     if spec.read is None:
         data_file, rows = paths[0], _read_jsonl(paths[0])
     else:
@@ -598,6 +618,11 @@ def _prepare_local(name: str, config: GeneralConfig, data_dir: Path, cache: Path
 
     if spec.fewshot == "group":
         prompt["doc_to_text"] = _grouped_prompt(name, spec, rows, k, _rng(config, name, "fewshot"))
+    if spec.root == "safety":
+        metric = HEADLINE[name][0]
+        prompt["generation_kwargs"] = {**prompt["generation_kwargs"], "max_gen_toks": config.safety_max_tokens}
+        prompt["process_results"] = RefusalResults(load_judge(config.refusal_judge), metric)
+        prompt["metric_list"] = [_metric(metric, higher=HEADLINE[name][1] == "higher")]
     prompt.update(
         task=name,
         dataset_path="json",
@@ -650,6 +675,8 @@ def hub_task_names(config: GeneralConfig) -> dict[str, str]:
     """lm-eval's standard task names for ``config.tasks`` (``source="hub"``)."""
     names = {}
     for name in config.tasks:
+        if not _SPECS[name].hub:
+            raise ValueError(f"general task {name!r} has no lm-eval standard task; use source='local'")
         names[name] = _SPECS[name].hub
         if name == "bbh" and config.num_fewshot:
             names[name] = "bbh_fewshot"
@@ -1053,12 +1080,39 @@ def _usable_tokenizer(tokenizer: Any) -> Any:
 
 @dataclass
 class GeneralRun:
-    """Scores plus what they cost: model requests, forward tokens and seconds per task."""
+    """Scores plus what they cost: model requests, forward tokens and seconds per task; and, for
+    the paired statistics of the edit budget, each item's headline value (``item_scores``, in item
+    order; tasks whose items have no value of their own, such as perplexities, are absent) and
+    the headline a model guessing uniformly would get (``chance``, multiple-choice tasks only)."""
 
     scores: dict[str, dict[str, float]]
     items: dict[str, int]
     costs: dict[str, TaskCost]
     seconds: float
+    item_scores: dict[str, list[float]] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
+
+
+def _item_values(samples: list[dict], metrics: dict[str, str], headline_metric: str) -> tuple[list[float] | None, float | None]:
+    """Per item (by ``doc_id``) the headline value from lm-eval's logged samples, and the mean
+    chance level: 1 / options for multiple choice, the share of true answers for TruthfulQA MC2."""
+    key = next((key for key, ours in metrics.items() if ours == headline_metric), None)
+    if key is None:
+        return None, None
+    metric, _, filter_name = key.partition(",")
+    rows = sorted((s for s in samples if s.get("filter", "none") == filter_name), key=lambda s: s["doc_id"])
+    values = [s.get(metric) for s in rows]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        return None, None
+    chances = []
+    for sample in rows:
+        doc, options = sample.get("doc") or {}, len(sample.get("arguments") or ())
+        if "mc2_labels" in doc:
+            chances.append(sum(doc["mc2_labels"]) / len(doc["mc2_labels"]))
+        elif options > 1:
+            chances.append(1.0 / options)
+    chance = sum(chances) / len(chances) if len(chances) == len(rows) else None
+    return [float(v) for v in values], chance
 
 
 def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -> GeneralRun:
@@ -1087,6 +1141,9 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
     else:
         raise ValueError(f"general source must be one of {SOURCES}, got {config.source!r}")
 
+    chat = uses_chat_template(config.chat_template, tokenizer)
+    if chat:
+        arguments["apply_chat_template"] = True
     with _model_untouched(model), _random_state_untouched():
         lm = _in_memory_lm(model, _usable_tokenizer(tokenizer), config.batch_size)
         with _without_environment_report():
@@ -1095,7 +1152,7 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
                 tasks=task_specs,
                 task_manager=manager,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=True,  # each item's score, for the paired tests of the edit budget
                 random_seed=config.seed,
                 numpy_random_seed=config.seed,
                 torch_random_seed=config.seed,
@@ -1109,6 +1166,14 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
         scores[name] = {ours: float(row[key]) for key, ours in prepared[name].metrics.items() if isinstance(row.get(key), (int, float))}
         if HEADLINE[name][0] not in scores[name]:
             logger.warning("general: %s: lm-eval reported no %s (its results: %s)", name, HEADLINE[name][0], sorted(row))
+    item_scores: dict[str, list[float]] = {}
+    chance: dict[str, float] = {}
+    for name in config.tasks:
+        values, level = _item_values(output.get("samples", {}).get(lm_eval_names[name], []), prepared[name].metrics, HEADLINE[name][0])
+        if values is not None:
+            item_scores[name] = values
+        if level is not None:
+            chance[name] = level
     costs = {name: lm.costs.get(lm_eval_names[name], TaskCost()) for name in config.tasks}
     seconds = time.perf_counter() - tick
     for name in config.tasks:
@@ -1123,8 +1188,13 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
             cost.seconds,
             ", ".join(f"{k}={v:.4g}" for k, v in scores[name].items()),
         )
-    logger.info("general: %d task(s) in %.1f s (%.1f s outside the model)", len(config.tasks), seconds, seconds - sum(c.seconds for c in costs.values()))
-    return GeneralRun(scores=scores, items={name: prepared[name].items for name in config.tasks}, costs=costs, seconds=seconds)
+    logger.info(
+        "general: %d task(s) in %.1f s (%.1f s outside the model)%s",
+        len(config.tasks), seconds, seconds - sum(c.seconds for c in costs.values()), ", prompts in the chat template" if chat else "",
+    )
+    return GeneralRun(
+        scores=scores, items={name: prepared[name].items for name in config.tasks}, costs=costs, seconds=seconds, item_scores=item_scores, chance=chance
+    )
 
 
 def evaluate_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -> dict[str, dict[str, float]]:

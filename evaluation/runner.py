@@ -585,21 +585,27 @@ class EditRun:
         values = case_values(records)  # per-case scores, for the standard error of each retention score
         errors = {k: standard_error(values[k]) for k in retention if k in values}
         general: dict[str, Any] = {}
+        paired: dict[str, Any] = {}  # item-level scores and chance levels, for the budget's paired tests
         general_seconds = 0.0
         cached = False
         if self.general is not None:
-            from .general import evaluate_general
+            from .general import run_general
 
             tick = time.perf_counter()
             stored = self._unedited_general_path() if edits == 0 else None
             if stored is not None and stored.is_file():
-                general, cached = json.loads(stored.read_text()), True
+                saved, cached = json.loads(stored.read_text()), True
+                # Files written before item scores were kept hold the scores alone.
+                general = saved["scores"] if "item_scores" in saved else saved
+                paired = {k: saved[k] for k in ("item_scores", "chance") if saved.get(k)}
             else:
-                general = evaluate_general(self.model, self.tokenizer, self.general)
+                run = run_general(self.model, self.tokenizer, self.general)
+                general = run.scores
+                paired = {k: v for k, v in (("item_scores", run.item_scores), ("chance", run.chance)) if v}
                 if stored is not None:
                     stored.parent.mkdir(parents=True, exist_ok=True)
                     staging = stored.with_suffix(f".{os.getpid()}.tmp")
-                    staging.write_text(json.dumps(general))
+                    staging.write_text(json.dumps({"scores": general, "item_scores": run.item_scores, "chance": run.chance}))
                     os.replace(staging, stored)
             general_seconds = time.perf_counter() - tick
             logger.info("general abilities at %d edits%s: %s", edits, " (unedited model, cached)" if cached else "", json.dumps(general))
@@ -610,6 +616,7 @@ class EditRun:
             "retention_stderr": {k: v for k, v in errors.items() if v is not None},
             "retention_n": {k: len(values[k]) for k in retention if k in values},
             "general": general,
+            **{f"general_{key}": value for key, value in paired.items()},
             "general_seconds": round(general_seconds, 3),
             **({"general_cached": True} if cached else {}),
             "checkpoint_seconds": round(time.perf_counter() - started, 3),

@@ -51,7 +51,7 @@ from metrics import (
     token_accuracy,
 )
 
-from .config import EvalConfig  # defined with the other run settings, importable without torch
+from .config import CHAT_TEMPLATE, EvalConfig  # defined with the other run settings, importable without torch
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {"es": "new", "ps": "new", "ns": "true"}
@@ -158,7 +158,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: Sequence[int], batch_size: int = 32) -> list[str]:
+def greedy_continuations(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: Sequence[int], batch_size: int = 32, add_special_tokens: bool = True
+) -> list[str]:
     """Greedy continuations of ``prompts`` (the text after each prompt, up to its end of sequence).
 
     Prompts are sorted by token length and generated ``batch_size`` at a time, left-padded, with
@@ -166,7 +168,8 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     ``max_new_tokens[i]`` (greedy decoding is causal, so the cut equals a shorter run). Decoding
     is plain greedy (``do_sample=False``, one beam, no repetition penalty), whatever sampling
     settings the model's generation config carries, and goes through ``model.generate``, so the
-    forward hooks of memory-based editors (SERAC) apply at every step.
+    forward hooks of memory-based editors (SERAC) apply at every step. ``add_special_tokens=False``
+    for prompts that already hold them (a chat template's output).
     """
     if len(prompts) != len(max_new_tokens):
         raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} token budgets")
@@ -178,7 +181,7 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
     stop = _eos_ids(model, tokenizer)
-    encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    encoded = [list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     device = model_device(model)
     texts: list[str | None] = [None] * len(prompts)
@@ -208,6 +211,23 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     return texts  # type: ignore[return-value]
 
 
+def uses_chat_template(setting: str, tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template: ``"on"`` (an error without one),
+    ``"auto"`` (when the tokenizer has one) or ``"off"``."""
+    if setting not in CHAT_TEMPLATE:
+        raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE}, got {setting!r}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "on" and not has:
+        raise ValueError("chat_template='on', but the tokenizer has no chat template; use 'auto' or 'off'")
+    return has and setting != "off"
+
+
+def as_user_turn(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template, ready for the assistant's answer
+    (the template's default system prompt, if it has one, included)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
 def _generation_probes(request: EditRequest) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
     """Every (prompt, accepted answers) the case's greedy answers are matched against, by group."""
     new = (request.target_new,)
@@ -224,18 +244,26 @@ def measure_generation(model, tokenizer, request: EditRequest, config: EvalConfi
 
     Each prompt may generate its longest accepted answer's token length (as teacher forcing
     tokenizes it after the prompt) plus :data:`GENERATION_MARGIN` tokens, at most
-    ``config.generation_max_new_tokens``. The case's prompts are batched among themselves only,
+    ``config.generation_max_new_tokens`` (``generation_budget="target"``), or that cap whatever the
+    answer (``"open"``: only the model's end of sequence stops it, so the budget does not tell the
+    model how long the answer is). With ``config.chat_template`` each prompt is asked as one user
+    turn of the tokenizer's chat template (:func:`as_user_turn`): an instruction-tuned model asked a
+    bare question often ends its turn at once. The case's prompts are batched among themselves only,
     so pre- and post-edit generations see the same batches.
     """
     groups = _generation_probes(request)
     budgets: dict[tuple[str, tuple[str, ...]], int] = {}
     for probes in groups.values():
         for prompt, answers in probes:
-            if (prompt, answers) not in budgets:
+            if (prompt, answers) not in budgets and config.generation_budget == "open":
+                budgets[prompt, answers] = config.generation_max_new_tokens
+            elif (prompt, answers) not in budgets:
                 longest = max(len(encode_pair(tokenizer, prompt, answer)[1]) for answer in answers)
                 budgets[prompt, answers] = min(longest + GENERATION_MARGIN, config.generation_max_new_tokens)
     unique = list(dict.fromkeys((prompt, budget) for (prompt, _), budget in budgets.items()))
-    texts = greedy_continuations(model, tokenizer, [p for p, _ in unique], [n for _, n in unique], config.batch_size)
+    chat = uses_chat_template(config.chat_template, tokenizer)
+    asked = [as_user_turn(tokenizer, p) if chat else p for p, _ in unique]
+    texts = greedy_continuations(model, tokenizer, asked, [n for _, n in unique], config.batch_size, add_special_tokens=not chat)
     answered = dict(zip(unique, texts))
     return {
         group: [{"text": answered[prompt, budgets[prompt, answers]], "answers": list(answers)} for prompt, answers in probes]

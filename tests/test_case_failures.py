@@ -136,11 +136,12 @@ def test_compare_reads_a_sequential_run_with_failed_cases(tokenizer, request_fac
 
     import evaluation.general
     from evaluation.general import GeneralConfig
+    from test_runner import as_suite
 
     def probe(model, tokenizer, config):  # a stand-in for the general suite that moves with the weights
         return {"probe": {"acc": sum(float(p.detach().double().abs().sum()) for p in model.parameters())}}
 
-    monkeypatch.setattr(evaluation.general, "evaluate_general", probe)
+    monkeypatch.setattr(evaluation.general, "run_general", as_suite(probe))
     editor = _Wrapped(get_editor("ft_m")(), _nan_edit_for("1"))
     run = EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "sequential", 1, EVAL,
                   progress=False, checkpoints=[1, 2], general=GeneralConfig(tasks=["piqa"]))

@@ -172,6 +172,29 @@ def test_measure_case_stores_continuations_and_scores_them(tiny_model, tokenizer
     assert measure_case(tiny_model, tokenizer, request, config) == raw
 
 
+def test_chat_template_and_open_budget(tiny_model, tokenizer):
+    """With the chat template each prompt is asked as a user turn (the template's text given as is,
+    no special tokens added again); with the open budget every answer may run to the cap."""
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+    request = _knowedit_request()
+    config = EvalConfig(batch_size=2, fluency=False, generation_max_new_tokens=6, generation_budget="open", chat_template="on")
+    generation = measure_case(tiny_model, chat, request, config)["generation"]
+    texts = [item["text"] for group in ("reliability", "generalization", "portability") for item in generation[group]]
+    prompts = [request.prompt, request.rephrase_prompts[0], *(q.prompt for q in request.portability)]
+    assert texts == [_generate_alone(tiny_model, chat, f"<user>{p}</user><bot>", 6) for p in prompts]
+    plain = measure_case(tiny_model, chat, request, EvalConfig(batch_size=2, fluency=False, generation_max_new_tokens=6, generation_budget="open"))
+    assert [item["text"] for item in plain["generation"]["reliability"]] == [_generate_alone(tiny_model, chat, request.prompt, 6)]
+    with pytest.raises(ValueError, match="no chat template"):
+        measure_case(tiny_model, tokenizer, request, config)
+    with pytest.raises(ValueError, match="generation_budget"):
+        EvalConfig(generation_budget="long")
+    with pytest.raises(ValueError, match="chat_template"):
+        EvalConfig(chat_template="maybe")
+
+
 def test_generation_scoring_can_be_turned_off(tiny_model, tokenizer):
     raw = measure_case(tiny_model, tokenizer, _knowedit_request(), EvalConfig(fluency=False, generation_scoring=False))
     assert "generation" not in raw

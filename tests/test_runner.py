@@ -210,6 +210,13 @@ def _weights_probe(model, tokenizer, config):
     return {"probe": {"acc": total, "steps": float(len(config.tasks))}}
 
 
+def as_suite(scores):
+    """``run_general`` from a function giving the scores alone (no item scores)."""
+    from evaluation.general import GeneralRun
+
+    return lambda model, tokenizer, config: GeneralRun(scores=scores(model, tokenizer, config), items={}, costs={}, seconds=0.0)
+
+
 def test_edit_units_keep_groups_whole(request_factory):
     from evaluation.runner import edit_units
 
@@ -252,7 +259,7 @@ def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_f
 
     import evaluation.general
 
-    monkeypatch.setattr(evaluation.general, "evaluate_general", _weights_probe)
+    monkeypatch.setattr(evaluation.general, "run_general", as_suite(_weights_probe))
     model = build_llama(len(tokenizer))
     unedited = _weights_probe(model, tokenizer, _general())["probe"]["acc"]
     summary = _seq(model, tokenizer, _requests(request_factory), tmp_path, checkpoints=[1, 2], general=_general())
@@ -291,7 +298,7 @@ def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_fact
         calls.append(1)
         return _weights_probe(model, tokenizer, config)
 
-    monkeypatch.setattr(evaluation.general, "evaluate_general", probe)
+    monkeypatch.setattr(evaluation.general, "run_general", as_suite(probe))
     requests = _requests(request_factory)
     _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", checkpoints=[1, 2], general=_general())
     fresh = read_jsonl(tmp_path / "fresh" / "checkpoints.jsonl")
@@ -314,7 +321,7 @@ def test_batch_mode_scores_general_after_first_call_and_single_refuses(tokenizer
 
     import evaluation.general
 
-    monkeypatch.setattr(evaluation.general, "evaluate_general", _weights_probe)
+    monkeypatch.setattr(evaluation.general, "run_general", as_suite(_weights_probe))
     model = build_llama(len(tokenizer))
     editor = get_editor("ft_m")()
     run = EditRun(model, tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "batch", 2, EvalConfig(batch_size=8, fluency=False), progress=False, general=_general())
@@ -502,3 +509,25 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(model_dir, coun
     assert (bar.kwargs["initial"], bar.kwargs["total"]) == (1, 2)  # 1/2, not 0/1
     assert bar.stages[:2] == ["pre-scoring", "pre-scoring: fluency"] and "editing" in bar.stages and "post-scoring: generation" in bar.stages
     assert _steps(out / "tensorboard", "summary/reliability") == [1, 2]
+
+
+def test_checkpoints_keep_item_scores_for_the_budget(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
+    """Each checkpoint keeps the suite's item scores and chance levels; the unedited model's come
+    back from the shared cache with its scores, so a second run's budget is tested the same way."""
+    from conftest import build_llama
+
+    import evaluation.general
+    from evaluation.general import GeneralRun
+
+    def suite(model, tokenizer, config):
+        acc = _weights_probe(model, tokenizer, config)["probe"]["acc"]
+        return GeneralRun(scores={"probe": {"acc": acc}}, items={}, costs={}, seconds=0.0, item_scores={"probe": [1.0] * 5}, chance={"probe": 0.25})
+
+    monkeypatch.setattr(evaluation.general, "run_general", suite)
+    requests = _requests(request_factory)
+    for out in ("first", "second"):
+        summary = _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / out, checkpoints=[1], general=_general())
+        lines = read_jsonl(tmp_path / out / "checkpoints.jsonl")
+        assert all(line["general_item_scores"] == {"probe": [1.0] * 5} and line["general_chance"] == {"probe": 0.25} for line in lines)
+        assert summary["edit_budget"]["tested"] == ["probe"] and summary["edit_budget"]["budget"] is None  # no item changed
+    assert lines[0].get("general_cached")

@@ -74,7 +74,13 @@ def budget_table(runs: Sequence[Run], budgets: Mapping[str, Mapping[str, Any]] |
         for task in budget.get("limiting") or []:
             metric = (budget.get("headline") or {}).get(task, [""])[0]
             base, now = (budget.get("base") or {}).get(task), (budget.get("at_budget") or {}).get(task)
-            limiting.append(f"{task} {metric} ({_fmt(base, metric)} → {_fmt(now, metric)})".replace("  ", " "))
+            p_value = ((budget.get("p_values") or {}).get(task) or {}).get(budget["budget"])
+            if p_value is None and reached:  # read back from JSON: the checkpoints are string keys
+                p_value = ((budget.get("p_values") or {}).get(task) or {}).get(str(budget["budget"]))
+            tested = f", p = {p_value:.3g}" if p_value is not None else ""
+            limiting.append(f"{task} {metric} ({_fmt(base, metric)} → {_fmt(now, metric)}{tested})".replace("  ", " "))
+        if budget.get("at_chance"):
+            limiting.append("at chance, left out: " + ", ".join(budget["at_chance"]))
         lines.append(
             f"| {run.label} | {shown} | {budget['last_safe']} | {', '.join(limiting) or '-'} | {budget['threshold']:.0%} | {budget['max_edits']} |"
         )
@@ -85,7 +91,10 @@ NOISE_NOTE = (
     "Budget: the first checkpoint where a general task's headline score is worse than the unedited "
     "score by more than the threshold (relative); \"> N\" means not reached within the run's N edits. "
     "With about 100 items per task an accuracy has a standard error near 0.05, so a crossing close "
-    "to the bound, and a small budget, may be noise."
+    "to the bound, and a small budget, may be noise. Where each item's score was kept, a crossing also "
+    "needs a one-sided paired test against the unedited model's items (exact McNemar, or sign flips for "
+    "scores that are not right/wrong) at p < alpha (0.05), and tasks whose unedited score is not above "
+    "chance with 95% confidence are left out."
 )
 
 
