@@ -28,7 +28,7 @@ from datamodules.records import FORMATS
 from datamodules.sources import known_sources
 from editors import available_editors, config_class, get_editor
 
-from .config import DEFAULT_CHECKPOINTS, MODES, EvalConfig, GeneralConfig
+from .config import DEFAULT_CHECKPOINTS, MODES, SEQUENTIAL_SCORING, EvalConfig, GeneralConfig
 from .run_dir import RunDir, RunDirError
 
 if TYPE_CHECKING:
@@ -139,6 +139,13 @@ def build_parser(editor_name: str) -> ArgumentParser:
         type=Optional[list[int]],
         default=None,
         help=f"sequential mode: numbers of edits at which all edits so far and the general suite are scored (default {list(DEFAULT_CHECKPOINTS)} up to the number of cases, and the last)",
+    )
+    parser.add_argument(
+        "--sequential_scoring",
+        "--sequential-scoring",
+        type=Literal[SEQUENTIAL_SCORING],
+        default="final",
+        help="sequential mode: score each case on the model carrying every edit (final), or right after its own edit (immediate, as EasyEdit does)",
     )
     parser.add_argument("--budget_threshold", "--budget-threshold", type=float, default=0.1, help="edit budget: relative fall of any general-ability score that counts as broken")
     parser.add_argument("--out", type=Optional[str], default=None, help="output folder (default runs/<editor>_<data>_<mode>); an unfinished run there is resumed; a folder another run is writing is refused")
@@ -337,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 checkpoints=cfg.checkpoints,
                 general=general_config,
                 budget_threshold=cfg.budget_threshold,
+                sequential_scoring=cfg.sequential_scoring,
                 model_id=cfg.model,
                 data=cfg.data,
             )

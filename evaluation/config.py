@@ -14,6 +14,9 @@ from typing import Sequence
 # How edit.py applies the edits (see :mod:`evaluation.runner`), and where a sequential run scores
 # all edits so far and the general suite unless --checkpoints says otherwise.
 MODES = ("single", "batch", "sequential")
+# When a sequential run scores a case: on the model carrying every edit ("final"), or right after
+# its own edit ("immediate", EasyEdit's sequential evaluation).
+SEQUENTIAL_SCORING = ("final", "immediate")
 DEFAULT_CHECKPOINTS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
 GENERATION_BUDGETS = ("target", "open")
 CHAT_TEMPLATE = ("off", "on", "auto")  # whether prompts go through the tokenizer's chat template

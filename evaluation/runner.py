@@ -5,7 +5,9 @@ Modes:
 * ``single``: each request is edited alone, scored, and reverted before the next.
 * ``batch``: ``edits_per_call`` requests are edited in one call, scored, and reverted.
 * ``sequential``: edits accumulate (``edits_per_call`` requests per call); every case is scored
-  on the model carrying all the edits. Each edit is saved under ``edits/`` as it is made, so an
+  on the model carrying all the edits (``sequential_scoring="final"``), or right after its own
+  edit, with the edits before it (``"immediate"``: EasyEdit's sequential evaluation; the model
+  carrying all edits is then scored once more at the last checkpoint). Each edit is saved under ``edits/`` as it is made, so an
   interrupted run re-applies them on resume instead of recomputing. At checkpoints (by default
   1, 5, 10, 20, 50, 100, 200, 500, 1000 edits and the last), all edits made so far are scored
   again (retention) and the general-ability suite (:mod:`evaluation.general`) is run on the
@@ -58,7 +60,7 @@ from editors.provenance import utc_now
 
 from .board import RunBoard
 from .compare.scores import case_values, standard_error
-from .config import DEFAULT_CHECKPOINTS, MODES
+from .config import DEFAULT_CHECKPOINTS, MODES, SEQUENTIAL_SCORING
 from .distributed import current_shard
 from .efficiency import measure
 from .provenance import run_provenance
@@ -220,9 +222,12 @@ class EditRun:
         budget_threshold: float = 0.1,
         model_id: str | None = None,
         data: str | None = None,
+        sequential_scoring: str = "final",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if sequential_scoring not in SEQUENTIAL_SCORING:
+            raise ValueError(f"sequential_scoring must be one of {SEQUENTIAL_SCORING}, got {sequential_scoring!r}")
         if mode != "single" and edits_per_call > 1 and not editor.supports_batch:
             raise ValueError(
                 f"editor {editor.name!r} edits one request per call and cannot batch: use --edits_per_call 1 "
@@ -249,6 +254,9 @@ class EditRun:
         self.checkpoints = checkpoint_schedule(len(self.requests), checkpoints)
         self.budget_threshold = budget_threshold
         self.info = dict(info or {})  # extra run facts for summary.json (e.g. skipped records)
+        self.sequential_scoring = sequential_scoring
+        if mode == "sequential":
+            self.info["sequential_scoring"] = sequential_scoring
         self.model_id, self.data = model_id, data
         self.provenance: dict[str, Any] | None = None  # found by run(), on the unedited model
         self._board: RunBoard | None = None
@@ -468,17 +476,22 @@ class EditRun:
         # while replaying (a run stopped between an edit and its checkpoint scores it on resume).
         by_id = {r.case_id: r for r in self.requests}
         order = {r.case_id: i for i, r in enumerate(self.requests)}
+        immediate = self.sequential_scoring == "immediate"
         applied: list[Edit] = []
         costs: dict[str, tuple[float, float]] = {}
         edited: list[EditRequest] = []
         final = len(self.requests)
         try:
+            unscored = {r.case_id for r in todo}
             for directory in saved:
                 edit = Edit.load(directory).apply(self.model)
                 applied.append(edit)
                 for case_id, cost in edit.info.get("cost", {}).items():
                     costs[case_id] = tuple(cost)
-                self._advance(edited, [by_id[c] for c in edit.case_ids if c in by_id], recorded, costs, final)
+                unit = [by_id[c] for c in edit.case_ids if c in by_id]
+                if immediate:  # a case whose edit was saved but not scored: scored right after it now
+                    self._score_now([r for r in unit if r.case_id in unscored], pre, costs, len(edited) + len(unit), order, writer)
+                self._advance(edited, unit, recorded, costs, final)
             if saved:
                 logger.info("re-applied %d saved edits from %s", len(saved), edits_dir)
             made = {r.case_id for r in edited}
@@ -502,8 +515,14 @@ class EditRun:
                         edit.info["cost"] = {c: costs[c] for c in edit.case_ids if c in costs}
                         self.dir.save_edit(edit, len(applied))
                     bar.update(len(unit))
+                    if immediate:
+                        self._score_now(unit, pre, costs, len(edited) + len(unit), order, writer)
                     self._advance(edited, unit, recorded, costs, final)
             edited.sort(key=lambda r: order[r.case_id])
+            if immediate:  # each case was scored right after its edit: the final model's retention remains
+                if edited and len(edited) not in recorded:
+                    self._retention_checkpoint(edited, recorded, costs)
+                return
             # 3. Score every case on the model carrying all edits (retention), then the last checkpoint.
             # Failed edits are not applied, so the model carries len(edited) edits.
             scoring = [r for r in todo if r.case_id not in failed]
@@ -533,6 +552,23 @@ class EditRun:
         now = len(edited)
         if now == final or now in recorded or not any(before < c <= now for c in self.checkpoints):
             return
+        self._retention_checkpoint(edited, recorded, costs)
+
+    def _score_now(self, unit: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: _Cases) -> None:
+        """``sequential_scoring="immediate"``: score the cases of the unit just edited on the model
+        as it is now (their edit and all before it), as EasyEdit's sequential evaluation does."""
+        for request in unit:
+            post, failure = self._measure(request, "post")
+            if failure is not None:
+                writer.write(failure)
+                continue
+            seconds, memory = costs.get(request.case_id, (None, None))
+            writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
+
+    def _retention_checkpoint(self, edited: list[EditRequest], recorded: set[int], costs) -> None:
+        """Score every case edited so far on the model as it is now, with the general suite: the
+        checkpoint at ``len(edited)`` edits."""
+        now = len(edited)
         records = []
         with self._bar(now, f"retention at {now} edits") as bar:
             for request in edited:

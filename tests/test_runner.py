@@ -531,3 +531,62 @@ def test_checkpoints_keep_item_scores_for_the_budget(tokenizer, request_factory,
         assert all(line["general_item_scores"] == {"probe": [1.0] * 5} and line["general_chance"] == {"probe": 0.25} for line in lines)
         assert summary["edit_budget"]["tested"] == ["probe"] and summary["edit_budget"]["budget"] is None  # no item changed
     assert lines[0].get("general_cached")
+
+
+def test_immediate_sequential_scoring_scores_each_case_after_its_own_edit(tokenizer, request_factory, tmp_path, isolated_cache):
+    """``sequential_scoring="immediate"``: case k is scored on the model with edits 0..k (case 0
+    as a single edit would be, the last case as in the final-model protocol); the last
+    checkpoint still scores every case on the model carrying all edits."""
+    from conftest import build_llama
+
+    requests = _requests(request_factory)
+    _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "single")
+    single = {r["case_id"]: r for r in read_jsonl(tmp_path / "single" / "cases.jsonl")}
+    final = _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "final", checkpoints=[1])
+    immediate = _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "immediate", checkpoints=[1], sequential_scoring="immediate")
+    now = {r["case_id"]: r for r in read_jsonl(tmp_path / "immediate" / "cases.jsonl")}
+    last = {r["case_id"]: r for r in read_jsonl(tmp_path / "final" / "cases.jsonl")}
+    assert [now[c]["edits_applied"] for c in "012"] == [1, 2, 3]
+    def without_fluency(post):  # the single-mode helper also samples for fluency
+        return {part: {k: v for k, v in post[part].items() if k != "fluency"} for part in ("raw", "scores")}
+
+    assert without_fluency(now["0"]["post"]) == without_fluency(single["0"]["post"])  # one edit applied, as in single mode
+    assert now["2"]["post"] == last["2"]["post"]  # all three applied, as in the final protocol
+    assert now["0"]["post"] != last["0"]["post"]  # later edits moved case 0's scores in the final protocol
+    assert immediate["sequential_scoring"] == "immediate" and final["sequential_scoring"] == "final"
+    checkpoints = {line["edits"]: line for line in read_jsonl(tmp_path / "immediate" / "checkpoints.jsonl")}
+    assert checkpoints[3]["retention"] == read_jsonl(tmp_path / "final" / "checkpoints.jsonl")[-1]["retention"]
+    with pytest.raises(ValueError, match="sequential_scoring"):
+        _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "bad", sequential_scoring="later")
+
+
+def test_immediate_scoring_resumes_where_it_stopped(tokenizer, request_factory, tmp_path, isolated_cache):
+    from conftest import build_llama
+
+    requests = _requests(request_factory)
+    _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", checkpoints=[1], sequential_scoring="immediate")
+    model = build_llama(len(tokenizer))
+    with pytest.raises(KeyboardInterrupt):
+        _seq(model, tokenizer, requests, tmp_path / "cut", editor=_Interrupting(get_editor("ft_m")(), fail_on=3), checkpoints=[1], sequential_scoring="immediate")
+    assert [r["case_id"] for r in read_jsonl(tmp_path / "cut" / "cases.jsonl")] == ["0", "1"]  # scored as they were edited
+    _seq(model, tokenizer, requests, tmp_path / "cut", checkpoints=[1], sequential_scoring="immediate")
+    assert _strip_timing(read_jsonl(tmp_path / "cut" / "cases.jsonl")) == _strip_timing(read_jsonl(tmp_path / "fresh" / "cases.jsonl"))
+    retention = [c["retention"] for c in read_jsonl(tmp_path / "cut" / "checkpoints.jsonl")]
+    assert retention == [c["retention"] for c in read_jsonl(tmp_path / "fresh" / "checkpoints.jsonl")]
+
+
+def test_immediate_scoring_scores_a_saved_but_unscored_edit_on_replay(tokenizer, request_factory, tmp_path, isolated_cache):
+    """Stopped between saving an edit and scoring its case: the resumed run scores the case right
+    after re-applying that edit, before the edits that follow it."""
+    from conftest import build_llama
+
+    requests = _requests(request_factory)
+    out = tmp_path / "run"
+    _seq(build_llama(len(tokenizer)), tokenizer, requests, out, checkpoints=[1], sequential_scoring="immediate")
+    fresh = _strip_timing(read_jsonl(out / "cases.jsonl"))
+    lines = (out / "cases.jsonl").read_text().splitlines(keepends=True)
+    (out / "cases.jsonl").write_text(lines[0] + lines[2])  # case 1 lost; edits 0-2 stay saved
+    (out / "checkpoints.jsonl").write_text((out / "checkpoints.jsonl").read_text().splitlines(keepends=True)[0])
+    _seq(build_llama(len(tokenizer)), tokenizer, requests, out, checkpoints=[1], sequential_scoring="immediate")
+    again = {r["case_id"]: r for r in _strip_timing(read_jsonl(out / "cases.jsonl"))}
+    assert again["1"] == fresh[1] and again["1"]["edits_applied"] == 2
