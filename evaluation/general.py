@@ -1093,9 +1093,10 @@ class GeneralRun:
     chance: dict[str, float] = field(default_factory=dict)
 
 
-def _item_values(samples: list[dict], metrics: dict[str, str], headline_metric: str) -> tuple[list[float] | None, float | None]:
+def _item_values(samples: list[dict], metrics: dict[str, str], headline_metric: str, mass_of_true: bool = False) -> tuple[list[float] | None, float | None]:
     """Per item (by ``doc_id``) the headline value from lm-eval's logged samples, and the mean
-    chance level: 1 / options for multiple choice, the share of true answers for TruthfulQA MC2."""
+    chance level: 1 / options for multiple choice; with ``mass_of_true`` (TruthfulQA MC2, whose
+    score is the probability mass of the true answers) the share of true answers."""
     key = next((key for key, ours in metrics.items() if ours == headline_metric), None)
     if key is None:
         return None, None
@@ -1107,7 +1108,7 @@ def _item_values(samples: list[dict], metrics: dict[str, str], headline_metric: 
     chances = []
     for sample in rows:
         doc, options = sample.get("doc") or {}, len(sample.get("arguments") or ())
-        if "mc2_labels" in doc:
+        if mass_of_true and "mc2_labels" in doc:
             chances.append(sum(doc["mc2_labels"]) / len(doc["mc2_labels"]))
         elif options > 1:
             chances.append(1.0 / options)
@@ -1169,7 +1170,8 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
     item_scores: dict[str, list[float]] = {}
     chance: dict[str, float] = {}
     for name in config.tasks:
-        values, level = _item_values(output.get("samples", {}).get(lm_eval_names[name], []), prepared[name].metrics, HEADLINE[name][0])
+        samples = output.get("samples", {}).get(lm_eval_names[name], [])
+        values, level = _item_values(samples, prepared[name].metrics, HEADLINE[name][0], mass_of_true=name == "truthfulqa_mc2")
         if values is not None:
             item_scores[name] = values
         if level is not None:

@@ -605,6 +605,7 @@ class EditRun:
                 "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
                 "suite": dataclasses.asdict(self.general),
                 "lm_eval": engine,
+                "stored": 2,  # what the file holds: 2 = scores, item scores and chance levels
             },
             sort_keys=True,
             default=str,

@@ -208,7 +208,10 @@ def test_accuracy_is_the_argmax_of_the_models_own_loglikelihoods(kind, tokenizer
 def test_truthfulqa_mc2_is_the_normalised_mass_of_true_answers(llama, tokenizer, data_dir):
     from evaluation.general import _TRUTHFULQA_PRIMER
 
-    scores = evaluate_general(llama, tokenizer, GeneralConfig(tasks=["truthfulqa_mc2"], limit=1, data_dir=str(data_dir)))
+    run = run_general(llama, tokenizer, GeneralConfig(tasks=["truthfulqa_mc2", "truthfulqa_mc1"], limit=1, data_dir=str(data_dir)))
+    scores = run.scores
+    assert run.chance["truthfulqa_mc2"] == 0.5  # a uniform model puts half the mass on the two true answers of four
+    assert run.chance["truthfulqa_mc1"] == pytest.approx(1 / len(json.loads((data_dir / "truthfulqa/data/mc_task.json").read_text())[0]["mc1_targets"]))
     context = f"{_TRUTHFULQA_PRIMER}\n\nQ: What is the capital of Italy 0?\nA:"
     probs = np.exp([loglikelihood(llama, tokenizer, context, " " + answer) for answer in ("Rome.", "It is Rome.", "Paris.", "Africa.")])
     assert scores["truthfulqa_mc2"]["acc"] == pytest.approx(probs[:2].sum() / probs.sum(), rel=1e-4)
