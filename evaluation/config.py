@@ -89,9 +89,9 @@ TASKS: tuple[str, ...] = (
     "lambada",
     "wikitext",
 )
-SAFETY_TASKS: tuple[str, ...] = ("advbench", "harmbench", "strongreject", "jailbreakbench", "simplesafetytests", "xstest")
-"""Refusal of harmful requests and over-refusal of safe ones (:mod:`evaluation.safety`), run as
-tasks of the same suite."""
+SAFETY_TASKS: tuple[str, ...] = ("advbench", "harmbench", "strongreject", "jailbreakbench", "simplesafetytests", "xstest", "toxigen")
+"""Refusal of harmful requests and over-refusal of safe ones, and ToxiGen's hate-speech
+classification (:mod:`evaluation.safety`), run as tasks of the same suite."""
 TASKS = TASKS + SAFETY_TASKS
 
 GENERAL_SOURCES = ("local", "hub")

@@ -80,7 +80,7 @@ from editors.lm import cache_kwargs, cache_of
 from .config import GENERAL_SOURCES as SOURCES  # noqa: F401  (where the suite's data comes from)
 from .config import TASKS, GeneralConfig, UnknownTaskError, check_tasks  # noqa: F401  (defined with the other run settings)
 from .models import cache_dir
-from .safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge
+from .safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge, read_toxigen
 from .scoring import uses_chat_template
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ HEADLINE: dict[str, tuple[str, str]] = {
     "lambada": ("acc", "higher"),
     "wikitext": ("word_perplexity", "lower"),
     **{name: (metric, "lower" if metric == "over_refusal" else "higher") for name, (_, _, metric) in SAFETY_SETS.items()},
+    "toxigen": ("acc", "higher"),
 }
 
 
@@ -408,6 +409,7 @@ class _Task:
     fewshot: str = "pool"  # "pool": items after the evaluated ones; "group": per-subject material; "none"
     group: str | None = None  # the document field naming the subject (MMLU, BBH)
     root: str = "general"  # the folder ``files`` are in: the general data or the safety sets
+    hint: str = ""  # added to the error when the files are missing
 
 
 _SPECS: dict[str, _Task] = {
@@ -506,6 +508,16 @@ for _name, (_file, _read, _metric_name) in SAFETY_SETS.items():
     _SPECS[_name] = _Task(
         files=(_file,), read=_read, prompt=_SAFETY_PROMPT, metrics={f"{_metric_name},none": _metric_name}, hub="", fewshot="none", root="safety"
     )
+_SPECS["toxigen"] = _Task(
+    files=("toxigen/annotated_test.csv",),
+    read=read_toxigen,
+    prompt={**_MC, "metric_list": _ACC_NORM},
+    metrics=_MC_NORM_METRICS,
+    hub="toxigen",
+    fewshot="none",
+    root="safety",
+    hint=" (ToxiGen's 940 annotated test statements are not in the shared folder: save the 'annotated' test split of skg/toxigen-data there as that file, or use source='hub')",
+)
 assert set(_SPECS) == set(TASKS) == set(HEADLINE)
 
 _FORMAT_VERSION = "2"  # part of every derived file's key: bump when a reader's output changes
@@ -523,7 +535,7 @@ def _required_paths(name: str, data_dir: Path, safety_dir: Path | None = None) -
                 f"general task {name!r} needs {path}, which is missing. Point GeneralConfig.data_dir (or "
                 f"$FACTEDIT_GENERAL_DATA) at the benchmark folder, or use source='hub'"
                 if _SPECS[name].root == "general"
-                else f"safety task {name!r} needs {path}, which is missing. Point GeneralConfig.safety_dir (or "
+                else f"safety task {name!r} needs {path}, which is missing{_SPECS[name].hint}. Point GeneralConfig.safety_dir (or "
                 f"$FACTEDIT_SAFETY_DATA) at the folder of the safety sets"
             )
         paths.append(path)
@@ -618,7 +630,7 @@ def _prepare_local(name: str, config: GeneralConfig, data_dir: Path, cache: Path
 
     if spec.fewshot == "group":
         prompt["doc_to_text"] = _grouped_prompt(name, spec, rows, k, _rng(config, name, "fewshot"))
-    if spec.root == "safety":
+    if name in SAFETY_SETS:  # a refusal judged on a greedy answer
         metric = HEADLINE[name][0]
         prompt["generation_kwargs"] = {**prompt["generation_kwargs"], "max_gen_toks": config.safety_max_tokens}
         prompt["process_results"] = RefusalResults(load_judge(config.refusal_judge), metric)
