@@ -52,6 +52,13 @@ class EvalConfig:
             "own end of sequence; the answer's length is not given away)"
         },
     )
+    join: str = field(
+        default="smart",
+        metadata={
+            "help": "how prompt and target are joined when editing and scoring: 'smart' (a space unless one is there) or "
+            "'reference' (always a space, as EasyEdit's and ROME's code; a target starting with a space then follows two)"
+        },
+    )
     chat_template: str = field(
         default="off",
         metadata={
@@ -67,6 +74,8 @@ class EvalConfig:
             raise ValueError(f"generation_budget must be one of {GENERATION_BUDGETS}, got {self.generation_budget!r}")
         if self.chat_template not in CHAT_TEMPLATE:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE}, got {self.chat_template!r}")
+        if self.join not in ("smart", "reference"):
+            raise ValueError(f"join must be 'smart' or 'reference', got {self.join!r}")
 
 
 # --------------------------------------------------------------------------------------------

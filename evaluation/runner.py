@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editors.base import Edit, Editor, EditorConfig, EditRequest
-from editors.lm import model_device
+from editors.lm import join_rule, model_device
 from editors.provenance import utc_now
 
 from .board import RunBoard
@@ -264,6 +264,10 @@ class EditRun:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        with join_rule(self.eval.join):  # how prompts and targets are joined, for editing and scoring alike
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.dir.prepare(shards=self.shard.active)
         if self.shard.is_main:
             self._merge_shards()

@@ -590,3 +590,26 @@ def test_immediate_scoring_scores_a_saved_but_unscored_edit_on_replay(tokenizer,
     _seq(build_llama(len(tokenizer)), tokenizer, requests, out, checkpoints=[1], sequential_scoring="immediate")
     again = {r["case_id"]: r for r in _strip_timing(read_jsonl(out / "cases.jsonl"))}
     assert again["1"] == fresh[1] and again["1"]["edits_applied"] == 2
+
+
+def test_reference_join_always_adds_a_space(tokenizer, request_factory, tmp_path, isolated_cache):
+    """``EvalConfig(join="reference")``: prompt + " " + target as EasyEdit and ROME write it, also
+    for a target that starts with a space; the rule holds during the run only."""
+    from conftest import build_llama
+
+    from editors.lm import encode_pair, join_text
+
+    request = request_factory("0", target_new=" Paris")
+    assert join_text("The capital is", " Paris") == ("The capital is", " Paris")
+    records = {}
+    for join in ("smart", "reference"):
+        editor = get_editor("ft_m")()
+        EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(**FT), [request], tmp_path / join, "single", 1,
+                EvalConfig(batch_size=8, fluency=False, generation_scoring=False, join=join), progress=False).run()
+        records[join] = read_jsonl(tmp_path / join / "cases.jsonl")[0]
+    targets = {join: records[join]["pre"]["raw"]["reliability"][0]["target"] for join in records}
+    assert targets["smart"] == encode_pair(tokenizer, request.prompt, " Paris")[1]
+    assert targets["reference"] == tokenizer("  Paris", add_special_tokens=False)["input_ids"] != targets["smart"]
+    assert join_text("The capital is", " Paris") == ("The capital is", " Paris")  # back to the default
+    with pytest.raises(ValueError, match="join"):
+        EvalConfig(join="always")
