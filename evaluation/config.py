@@ -105,6 +105,14 @@ TASKS = TASKS + SAFETY_TASKS
 
 GENERAL_SOURCES = ("local", "hub")
 
+FEWSHOT_PRESETS: dict[str, dict[str, int]] = {
+    # The shots of "Should We Really Edit Language Models?" (Li et al., 2024, table of datasets):
+    # MMLU 5, BBH 3, GSM8K 8, CommonsenseQA 7, TriviaQA 0, TruthfulQA 0. The paper prompts with
+    # chain-of-thought exemplars and scores generated answers; here the shots are answer-only and
+    # the tasks keep their own scoring (log-likelihood for MMLU and CommonsenseQA).
+    "paper": {"mmlu": 5, "bbh": 3, "gsm8k": 8, "commonsense_qa": 7, "triviaqa": 0, "truthfulqa_mc1": 0, "truthfulqa_mc2": 0},
+}
+
 
 class UnknownTaskError(ValueError):
     pass
@@ -152,6 +160,17 @@ class GeneralConfig:
             "truthfulqa (which has its fixed six-question primer)"
         },
     )
+    task_fewshot: dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "per-task overrides of num_fewshot, e.g. {mmlu: 5, gsm8k: 8}"},
+    )
+    fewshot_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'paper': the shots of 'Should We Really Edit Language Models?' (MMLU 5, BBH 3, GSM8K 8, "
+            "CommonsenseQA 7, TriviaQA and TruthfulQA 0), answer-only; task_fewshot entries override it"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the MMLU/BBH item sample and of the few-shot draw"})
     chat_template: str = field(
         default="off",
@@ -189,6 +208,19 @@ class GeneralConfig:
             raise ValueError(f"general batch_size must be at least 1, got {self.batch_size}")
         if self.num_fewshot < 0:
             raise ValueError(f"general num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.fewshot_preset is not None and self.fewshot_preset not in FEWSHOT_PRESETS:
+            raise ValueError(f"general fewshot_preset must be one of {sorted(FEWSHOT_PRESETS)} or None, got {self.fewshot_preset!r}")
+        self.task_fewshot = dict(self.task_fewshot or {})
+        check_tasks(list(self.task_fewshot))
+        if any(not isinstance(n, int) or n < 0 for n in self.task_fewshot.values()):
+            raise ValueError(f"general task_fewshot must map tasks to numbers of examples >= 0, got {self.task_fewshot}")
+
+    def fewshot_of(self, task: str) -> int:
+        """Few-shot examples for ``task``: its ``task_fewshot`` entry, else the preset's, else ``num_fewshot``."""
+        if task in (self.task_fewshot or {}):
+            return self.task_fewshot[task]
+        preset = FEWSHOT_PRESETS.get(self.fewshot_preset or "", {})
+        return preset.get(task, self.num_fewshot)
 
     def limit_of(self, task: str) -> int | None:
         """Items scored for ``task``: its entry in ``task_limits``, else ``limit``."""

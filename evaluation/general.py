@@ -606,9 +606,10 @@ def _prepare_local(name: str, config: GeneralConfig, data_dir: Path, cache: Path
         data_file, rows = _derived_file(name, paths, spec.read, cache)
     normalize = spec.normalize or (lambda row: row)
     candidates = [i for i, row in enumerate(rows) if row.get("split", "test") == "test"]
-    k = config.num_fewshot if spec.fewshot != "none" else 0
-    if config.num_fewshot and spec.fewshot == "none":
-        logger.info("general: %s does not take few-shot examples; num_fewshot=%d ignored", name, config.num_fewshot)
+    shots = config.fewshot_of(name)
+    k = shots if spec.fewshot != "none" else 0
+    if shots and spec.fewshot == "none":
+        logger.info("general: %s does not take few-shot examples; num_fewshot=%d ignored", name, shots)
     if not candidates:
         raise ValueError(f"general task {name!r}: {data_file} holds no items to evaluate")
 
@@ -690,7 +691,7 @@ def hub_task_names(config: GeneralConfig) -> dict[str, str]:
         if not _SPECS[name].hub:
             raise ValueError(f"general task {name!r} has no lm-eval standard task; use source='local'")
         names[name] = _SPECS[name].hub
-        if name == "bbh" and config.num_fewshot:
+        if name == "bbh" and config.fewshot_of(name):
             names[name] = "bbh_fewshot"
     return names
 
@@ -1147,10 +1148,13 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
         arguments: dict[str, Any] = {}
     elif config.source == "hub":
         lm_eval_names = hub_task_names(config)
-        prepared = {name: _Prepared(config={}, metrics=_SPECS[name].metrics, items=config.limit or 0, fewshot=config.num_fewshot) for name in config.tasks}
+        shots = {config.fewshot_of(name) for name in config.tasks}
+        if len(shots) > 1:
+            raise ValueError(f"source='hub' takes one number of few-shot examples for all tasks; per-task shots ({sorted(shots)}) need source='local'")
+        prepared = {name: _Prepared(config={}, metrics=_SPECS[name].metrics, items=config.limit or 0, fewshot=config.fewshot_of(name)) for name in config.tasks}
         task_specs = list(lm_eval_names.values())
         manager = TaskManager()
-        arguments = {"limit": config.limit, "num_fewshot": config.num_fewshot}
+        arguments = {"limit": config.limit, "num_fewshot": shots.pop()}
     else:
         raise ValueError(f"general source must be one of {SOURCES}, got {config.source!r}")
 

@@ -223,8 +223,8 @@ def test_markdown_tables(tmp_path):
     assert "wikitext word_perplexity (lower)" in text
     assert "| 50 | 0.900 |" in text  # three decimals
     assert "35.20" in text and "35.200" not in text  # perplexity with two
-    assert "| ft_m | 50 | 10 | hellaswag acc_norm (0.360 → 0.300) | 10% | 200 |" in text
-    assert "| memit | > 200 | 200 | - | 10% | 200 |" in text
+    assert "| ft_m | 50 | 10 | hellaswag acc_norm (0.360 → 0.300) | - | 10% | 200 |" in text
+    assert "| memit | > 200 | 200 | - | - | 10% | 200 |" in text
     assert "standard error" in text
 
 

@@ -403,3 +403,16 @@ def test_default_model_on_arc_easy():
     model, tokenizer = load_model("smollm2-135m")
     scores = evaluate_general(model, tokenizer, GeneralConfig(tasks=["arc_easy"], limit=100))
     assert scores["arc_easy"]["acc"] == pytest.approx(0.49, abs=0.02)
+
+
+def test_per_task_shots_and_the_paper_preset(data_dir, isolated_cache):
+    config = GeneralConfig(tasks=["mmlu", "arc_easy", "bbh"], num_fewshot=1, fewshot_preset="paper", task_fewshot={"bbh": 2}, data_dir=str(data_dir))
+    assert [config.fewshot_of(t) for t in ("mmlu", "gsm8k", "commonsense_qa", "truthfulqa_mc1", "arc_easy", "bbh")] == [5, 8, 7, 0, 1, 2]
+    assert _prepare_local("mmlu", config, data_dir, isolated_cache / "general").fewshot == 5  # the paper's 5-shot MMLU
+    assert _prepare_local("arc_easy", config, data_dir, isolated_cache / "general").config["num_fewshot"] == 1  # not in the preset
+    with pytest.raises(ValueError, match="per-task shots"):
+        run_general(None, None, GeneralConfig(tasks=["mmlu", "arc_easy"], source="hub", fewshot_preset="paper"))
+    with pytest.raises(ValueError, match="fewshot_preset"):
+        GeneralConfig(fewshot_preset="leaderboard")
+    with pytest.raises(UnknownTaskError):
+        GeneralConfig(task_fewshot={"mmlu_pro": 5})

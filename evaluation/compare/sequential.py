@@ -60,13 +60,13 @@ def checkpoint_table(run: Run, retention: Sequence[str], general: Mapping[str, t
 def budget_table(runs: Sequence[Run], budgets: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> str:
     """The "Edit budget" markdown table: one row per run."""
     lines = [
-        "| run | budget | last safe | limiting (base → at budget) | threshold | max edits |",
-        "|---|---|---|---|---|---|",
+        "| run | budget | last safe | limiting (base → at budget) | left out (at chance) | threshold | max edits |",
+        "|---|---|---|---|---|---|---|",
     ]
     for index, run in enumerate(runs):
         budget = _budget_of(budgets, runs, index)
         if budget is None:
-            lines.append(f"| {run.label} | - | - | - | - | - |")
+            lines.append(f"| {run.label} | - | - | - | - | - | - |")
             continue
         reached = budget["budget"] is not None
         shown = str(budget["budget"]) if reached else f"> {budget['max_edits']}"
@@ -79,10 +79,9 @@ def budget_table(runs: Sequence[Run], budgets: Mapping[str, Mapping[str, Any]] |
                 p_value = ((budget.get("p_values") or {}).get(task) or {}).get(str(budget["budget"]))
             tested = f", p = {p_value:.3g}" if p_value is not None else ""
             limiting.append(f"{task} {metric} ({_fmt(base, metric)} → {_fmt(now, metric)}{tested})".replace("  ", " "))
-        if budget.get("at_chance"):
-            limiting.append("at chance, left out: " + ", ".join(budget["at_chance"]))
+        left_out = ", ".join(budget.get("at_chance") or []) or "-"
         lines.append(
-            f"| {run.label} | {shown} | {budget['last_safe']} | {', '.join(limiting) or '-'} | {budget['threshold']:.0%} | {budget['max_edits']} |"
+            f"| {run.label} | {shown} | {budget['last_safe']} | {', '.join(limiting) or '-'} | {left_out} | {budget['threshold']:.0%} | {budget['max_edits']} |"
         )
     return "\n".join(lines)
 
