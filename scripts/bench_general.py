@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "piqa", "mmlu", "wikitext"], choices=TASKS)
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--fewshot-preset", default=None, choices=["paper"], help="per-task shots of the seed paper (MMLU 5, BBH 3, GSM8K 8, ...)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
@@ -50,14 +51,15 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     load_seconds = time.perf_counter() - tick
     limit = args.limit or None
-    print(f"model {args.model} (loaded in {load_seconds:.1f} s), limit {limit}, {args.num_fewshot}-shot, batch {args.batch_size}", flush=True)
+    shots = f"{args.fewshot_preset} preset" if args.fewshot_preset else f"{args.num_fewshot}-shot"
+    print(f"model {args.model} (loaded in {load_seconds:.1f} s), limit {limit}, {shots}, batch {args.batch_size}", flush=True)
     print(f"{'task':<24}{'headline':>26}  {'items':>6}{'requests':>10}{'tokens':>10}{'model s':>9}{'wall s':>8}  other metrics", flush=True)
     rows = []
     # One call per task, so that each line is printed as soon as its task is done.
     for task, chat in ((task, chat) for chat in args.chat_template for task in args.tasks):
         config = GeneralConfig(
             tasks=[task], limit=limit, data_dir=args.data_dir, safety_dir=args.safety_dir, batch_size=args.batch_size,
-            num_fewshot=args.num_fewshot, seed=args.seed, chat_template=chat,
+            num_fewshot=args.num_fewshot, fewshot_preset=args.fewshot_preset, seed=args.seed, chat_template=chat,
         )
         run = run_general(model, tokenizer, config)
         metric, _ = HEADLINE[task]
