@@ -2,15 +2,23 @@
 # Sequential editing on the default model: edits accumulate, and at checkpoints every edit made
 # so far is scored again together with the general-ability suite; then one comparison of all
 # methods (curves, tables, edit budget).
-#   bash scripts/bench_sequential.sh [METHODS...]     (default: ft_m rome memit)
+#   bash scripts/bench_sequential.sh [METHODS...]     (default: ft_m rome memit; "all": every registered editor)
 # Settings by environment: LIMIT (edits, 200), CHECKPOINTS ([10,50,100,200]), TASKS
 # ([hellaswag,arc_easy,piqa,mmlu,wikitext]), TASK_LIMIT (items per task, 100), TASK_LIMITS
 # (per-task overrides, {wikitext: 3}: three articles, about 15k tokens), PARALLEL (runs at once,
 # 1; with more, each run uses one thread), GENERATION (generation-based scoring of every case,
-# false: it adds about a third to the scoring time). Runs resume where they stopped.
+# false: it adds about a third to the scoring time), CHAT (--general.chat_template for the whole
+# suite, off), SCORING (--sequential_scoring: final, or immediate as EasyEdit), and for the learned
+# editors their trained networks: CHECKPOINT_MEND, CHECKPOINT_KE, CHECKPOINT_ENN, CHECKPOINT_SERAC
+# (a folder train.py exported; without one the untrained network edits). Safety tasks go in TASKS,
+# e.g. TASKS="[hellaswag,arc_easy,piqa,wikitext,truthfulqa_mc1,advbench,xstest]". Runs resume
+# where they stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=${*:-ft_m rome memit}
+if [ "$methods" = "all" ]; then
+  methods=$(python -c "from editors.registry import available_editors; print(' '.join(available_editors()))")
+fi
 data=${DATA:-../shared/data/counterfact/counterfact_test.json}
 limit=${LIMIT:-200}
 checkpoints=${CHECKPOINTS:-[10,50,100,200]}
@@ -21,9 +29,11 @@ parallel=${PARALLEL:-1}
 out=${OUT:-runs/sequential}
 mkdir -p "$out"
 run() {
-  local m=$1 start
+  local m=$1 start extra=()
+  local var="CHECKPOINT_$(echo "$m" | tr '[:lower:]' '[:upper:]')"
+  if [ -n "${!var:-}" ]; then extra=(--editor.checkpoint "${!var}"); fi
   start=$(date +%s)
-  python edit.py --editor "$m" --mode sequential --data "$data" --limit "$limit" --checkpoints "$checkpoints" \
+  python edit.py --editor "$m" "${extra[@]}" --mode sequential --sequential_scoring "${SCORING:-final}" --general.chat_template "${CHAT:-off}" --data "$data" --limit "$limit" --checkpoints "$checkpoints" \
     --general.tasks "$tasks" --general.limit "$task_limit" \
     --general.task_limits "$task_limits" --eval.fluency false --eval.generation_scoring "${GENERATION:-false}" --progress false --overwrite "${OVERWRITE:-false}" \
     --out "$out/$m" > "$out/$m.log" 2>&1
