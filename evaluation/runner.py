@@ -494,7 +494,7 @@ class EditRun:
                     costs[case_id] = tuple(cost)
                 unit = [by_id[c] for c in edit.case_ids if c in by_id]
                 if immediate:  # a case whose edit was saved but not scored: scored right after it now
-                    self._score_now([r for r in unit if r.case_id in unscored], pre, costs, len(edited) + len(unit), order, writer)
+                    self._score_post([r for r in unit if r.case_id in unscored], pre, costs, len(edited) + len(unit), order, writer)
                 self._advance(edited, unit, recorded, costs, final)
             if saved:
                 logger.info("re-applied %d saved edits from %s", len(saved), edits_dir)
@@ -520,7 +520,7 @@ class EditRun:
                         self.dir.save_edit(edit, len(applied))
                     bar.update(len(unit))
                     if immediate:
-                        self._score_now(unit, pre, costs, len(edited) + len(unit), order, writer)
+                        self._score_post(unit, pre, costs, len(edited) + len(unit), order, writer)
                     self._advance(edited, unit, recorded, costs, final)
             edited.sort(key=lambda r: order[r.case_id])
             if immediate:  # each case was scored right after its edit: the final model's retention remains
@@ -531,14 +531,7 @@ class EditRun:
             # Failed edits are not applied, so the model carries len(edited) edits.
             scoring = [r for r in todo if r.case_id not in failed]
             with self._bar(scored_before + len(scoring), "post-edit scores", initial=scored_before) as bar:
-                for request in scoring:
-                    post, failure = self._measure(request, "post")
-                    if failure is not None:
-                        writer.write(failure)
-                    else:
-                        seconds, memory = costs.get(request.case_id, (None, None))
-                        writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=len(edited), edit_index=order[request.case_id]))
-                    bar.update()
+                self._score_post(scoring, pre, costs, len(edited), order, writer, bar)
             if edited and len(edited) not in recorded:
                 wanted = {r.case_id for r in self.requests}
                 finished = [r for r in read_jsonl(self.cases_path) if r["case_id"] in wanted]
@@ -558,16 +551,21 @@ class EditRun:
             return
         self._retention_checkpoint(edited, recorded, costs)
 
-    def _score_now(self, unit: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: _Cases) -> None:
-        """``sequential_scoring="immediate"``: score the cases of the unit just edited on the model
-        as it is now (their edit and all before it), as EasyEdit's sequential evaluation does."""
-        for request in unit:
+    def _score_post(
+        self, requests: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: _Cases, bar: Any = None
+    ) -> None:
+        """Score ``requests`` on the model as it is now (carrying ``edits_applied`` edits) and write
+        their records: all cases at the end of a run (``sequential_scoring="final"``), or the
+        cases of the unit just edited (``"immediate"``, as EasyEdit's sequential evaluation)."""
+        for request in requests:
             post, failure = self._measure(request, "post")
             if failure is not None:
                 writer.write(failure)
-                continue
-            seconds, memory = costs.get(request.case_id, (None, None))
-            writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
+            else:
+                seconds, memory = costs.get(request.case_id, (None, None))
+                writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
+            if bar is not None:
+                bar.update()
 
     def _retention_checkpoint(self, edited: list[EditRequest], recorded: set[int], costs) -> None:
         """Score every case edited so far on the model as it is now, with the general suite: the
@@ -636,18 +634,16 @@ class EditRun:
             stored = self._unedited_general_path() if edits == 0 else None
             if stored is not None and stored.is_file():
                 saved, cached = json.loads(stored.read_text()), True
-                # Files written before item scores were kept hold the scores alone.
-                general = saved["scores"] if "item_scores" in saved else saved
-                paired = {k: saved[k] for k in ("item_scores", "chance") if saved.get(k)}
             else:
                 run = run_general(self.model, self.tokenizer, self.general)
-                general = run.scores
-                paired = {k: v for k, v in (("item_scores", run.item_scores), ("chance", run.chance)) if v}
+                saved = {"scores": run.scores, "item_scores": run.item_scores, "chance": run.chance}
                 if stored is not None:
                     stored.parent.mkdir(parents=True, exist_ok=True)
                     staging = stored.with_suffix(f".{os.getpid()}.tmp")
-                    staging.write_text(json.dumps({"scores": general, "item_scores": run.item_scores, "chance": run.chance}))
+                    staging.write_text(json.dumps(saved))
                     os.replace(staging, stored)
+            general = saved["scores"]
+            paired = {key: saved[key] for key in ("item_scores", "chance") if saved[key]}
             general_seconds = time.perf_counter() - tick
             logger.info("general abilities at %d edits%s: %s", edits, " (unedited model, cached)" if cached else "", json.dumps(general))
         line = {

@@ -255,9 +255,11 @@ def measure_generation(model, tokenizer, request: EditRequest, config: EvalConfi
     budgets: dict[tuple[str, tuple[str, ...]], int] = {}
     for probes in groups.values():
         for prompt, answers in probes:
-            if (prompt, answers) not in budgets and config.generation_budget == "open":
+            if (prompt, answers) in budgets:
+                continue
+            if config.generation_budget == "open":
                 budgets[prompt, answers] = config.generation_max_new_tokens
-            elif (prompt, answers) not in budgets:
+            else:
                 longest = max(len(encode_pair(tokenizer, prompt, answer)[1]) for answer in answers)
                 budgets[prompt, answers] = min(longest + GENERATION_MARGIN, config.generation_max_new_tokens)
     unique = list(dict.fromkeys((prompt, budget) for (prompt, _), budget in budgets.items()))

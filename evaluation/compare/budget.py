@@ -226,6 +226,9 @@ def edit_budget(
     base_items = (unedited[-1].get("general_item_scores") or {}) if alpha is not None else {}
     chance = unedited[-1].get("general_chance") or {}
 
+    # Item scores and chance levels are of each task's default headline metric: a task given another
+    # one by ``headline_map`` is judged by the threshold alone.
+    overridden = set(headline_map or ())
     heads: dict[str, tuple[str, str]] = {}
     base: dict[str, float] = {}
     bounds: dict[str, float] = {}
@@ -235,14 +238,12 @@ def edit_budget(
         value = number(metrics.get(metric))
         if value is None or not math.isfinite(value):
             raise ValueError(f"the unedited checkpoint's {task} {metric} is {metrics.get(metric)!r}; a finite base score is needed")
-        overridden = bool(headline_map and task in headline_map)
-        if not overridden and task in base_items and task in chance and direction == "higher" and at_chance(base_items[task], chance[task]):
+        if task not in overridden and task in base_items and task in chance and direction == "higher" and at_chance(base_items[task], chance[task]):
             left_out.append(task)
             continue
         heads[task], base[task] = (metric, direction), value
         bounds[task] = tolerance_bound(value, direction, threshold)
-    # Item scores are of each task's default headline metric: a task given another one is not tested.
-    tested = sorted(task for task in heads if task in base_items and not (headline_map and task in headline_map))
+    tested = sorted(task for task in heads if task in base_items and task not in overridden)
     p_values: dict[str, dict[int, float]] = {task: {} for task in tested}
 
     per_task: dict[str, int | None] = {task: None for task in heads}
