@@ -26,8 +26,8 @@ def main() -> None:
     from datamodules.records import load_requests
     from evaluation.config import EvalConfig
     from evaluation.models import DEFAULT_MODEL, load_model
-    from evaluation.scoring import measure_generation
-    from metrics import generation_contains, generation_exact_match
+    from evaluation.scoring import GENERATION_GROUPS as groups
+    from evaluation.scoring import GENERATION_SCORES, measure_generation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -42,21 +42,20 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     requests = load_requests(args.data, format=args.format, limit=args.limit)
     print(f"model {args.model}, {len(requests)} records of {args.data}, at most {args.max_new_tokens} new tokens", flush=True)
-    groups = ("reliability", "generalization", "portability")
     header = "".join(f"{g[:5] + ' em':>11}{g[:5] + ' cont':>12}" for g in groups)
     print(f"{'chat':<6}{'budget':<8}{header}{'empty':>8}{'s':>7}", flush=True)
     for chat in args.chat_template:
         for budget in args.budget:
             config = EvalConfig(generation_max_new_tokens=args.max_new_tokens, generation_budget=budget, chat_template=chat)
             tick = time.perf_counter()
-            sums = {(g, m): [0.0, 0] for g in groups for m in ("em", "contains")}
+            sums = {(g, m): [0.0, 0] for g in groups for m in GENERATION_SCORES}
             answers = empty = 0
             for request in requests:
                 generation = measure_generation(model, tokenizer, request, config)
                 for group in groups:
                     items = generation[group]
                     texts, accepted = [i["text"] for i in items], [i["answers"] for i in items]
-                    for metric, function in (("em", generation_exact_match), ("contains", generation_contains)):
+                    for metric, function in GENERATION_SCORES.items():
                         value = function(texts, accepted)
                         if value is not None:
                             sums[group, metric][0] += value
@@ -64,7 +63,7 @@ def main() -> None:
                     answers += len(texts)
                     empty += sum(not text.strip() for text in texts)
             row = "".join(
-                f"{sums[g, m][0] / max(sums[g, m][1], 1):>{11 if m == 'em' else 12}.3f}" for g in groups for m in ("em", "contains")
+                f"{sums[g, m][0] / max(sums[g, m][1], 1):>{11 if m == 'em' else 12}.3f}" for g in groups for m in GENERATION_SCORES
             )
             print(f"{chat:<6}{budget:<8}{row}{empty / max(answers, 1):>8.3f}{time.perf_counter() - tick:>7.0f}", flush=True)
 
