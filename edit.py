@@ -1,6 +1,9 @@
-"""Apply a knowledge editor to a model and score the edits. See ``python edit.py --help``."""
+"""Apply a knowledge editor to a model and score the edits. See ``python edit.py --help``.
 
-from evaluation.cli import main
+The same command is installed as ``factedit-edit``; the application is :mod:`factedit.evaluation.cli`.
+"""
+
+from factedit.evaluation.cli import main
 
 if __name__ == "__main__":
     main()

@@ -5,14 +5,11 @@ The model (a LightningModule from ``lit_modules``) and the data (a LightningData
 line by class name (``--model MENDModule --data CounterFactDataModule``; ``--model.help
 MENDModule`` lists a module's arguments). The resolved config is written beside the logs (nowhere
 without a logger, unless ``trainer.default_root_dir`` is set); an unreadable checkpoint names the
-others to pass with ``--ckpt_path`` (see :mod:`lit_modules.cli`).
+others to pass with ``--ckpt_path`` (see :mod:`factedit.lit_modules.cli`). The same command is installed as
+``factedit-train``.
 """
 
-from lit_modules.cli import EditorCLI
-
-
-def main() -> None:
-    EditorCLI()
+from factedit.lit_modules.cli import main
 
 
 if __name__ == "__main__":

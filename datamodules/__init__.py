@@ -5,9 +5,13 @@ everything downstream (editors, metrics, training) sees requests, never raw reco
 The datamodules are imported on first access, so that reading requests does not pull in Lightning.
 """
 
+from factedit import require_namespace
+
+require_namespace(__name__)
+
 from typing import Any
 
-from datamodules.records import (
+from factedit.datamodules.records import (
     FORMATS,
     RecordError,
     dataset_to_requests,
@@ -17,7 +21,7 @@ from datamodules.records import (
     requests_to_dataset,
     validate_records,
 )
-from datamodules.sources import SOURCES, Source, SourceError, cache_dir, known_sources, resolve_source
+from factedit.datamodules.sources import SOURCES, Source, SourceError, cache_dir, known_sources, resolve_source
 
 __all__ = [
     "FORMATS",
@@ -44,7 +48,7 @@ _DATAMODULES = ("CounterFactDataModule", "EditDataModule", "ZsREDataModule")
 
 def __getattr__(name: str) -> Any:
     if name in _DATAMODULES:
-        from datamodules import edit_datamodule
+        from factedit.datamodules import edit_datamodule
 
         return getattr(edit_datamodule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,10 +27,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.records import load_requests, requests_to_dataset
-from datamodules.sources import resolve_source
-from editors.base import EditRequest
-from editors.lm import encode_pair
+from factedit.datamodules.records import load_requests, requests_to_dataset
+from factedit.datamodules.sources import resolve_source
+from factedit.editors.base import EditRequest
+from factedit.editors.lm import encode_pair
 
 if TYPE_CHECKING:
     import datasets
@@ -286,7 +286,7 @@ class EditDataModule(LightningDataModule):
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer; a name or path given at construction is loaded on first use."""
         if self._tokenizer is None:
-            from evaluation.models import load_tokenizer
+            from factedit.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_spec)
         return self._tokenizer

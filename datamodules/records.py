@@ -51,8 +51,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from datamodules.sources import resolve_source
-from editors.requests import QA, EditRequest
+from factedit.datamodules.sources import resolve_source
+from factedit.editors.requests import QA, EditRequest
 
 if TYPE_CHECKING:
     import datasets

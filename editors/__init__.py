@@ -6,6 +6,10 @@ importing it. Importing this package loads no method and no torch; the names tha
 (:class:`Edit`, :class:`Editor`, ...) are imported from :mod:`editors.base` on first access.
 """
 
+from factedit import require_namespace
+
+require_namespace(__name__)
+
 from typing import Any
 
 from .config import EditorConfig

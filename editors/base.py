@@ -27,7 +27,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -143,7 +143,7 @@ class ModelRecord:
 
     @classmethod
     def of(cls, model: torch.nn.Module, param_names: Sequence[str]) -> "ModelRecord":
-        from .stats import model_fingerprint  # stats imports modules that import this one
+        from factedit.models import model_fingerprint
 
         params = dict(model.named_parameters())
         shapes = {name: list(params[name].shape) for name in sorted(param_names) if name in params}
@@ -466,6 +466,13 @@ class Editor(ABC):
         before any edit, so that the work is done on the unedited model (also when a
         sequential run resumes by re-applying saved edits) and timed apart from the edits.
         """
+
+    def read_data(self, config: EditorConfig, read_requests: Callable[[str, int | None], list[EditRequest]]) -> None:
+        """Take in the records of any data file a setting of ``config`` names (IKE's demonstration
+        pool). Editors never read files: the application calls this once, before :meth:`prepare`,
+        with ``read_requests(path, limit)`` (``edit.py`` passes its own record reader); a library
+        user does the same with :func:`factedit.datamodules.load_requests` or any other source of
+        requests. Optional: the default reads nothing."""
 
     def check(self, model: torch.nn.Module, config: EditorConfig) -> None:
         """Cheap checks that ``config`` fits ``model`` (modules the targets table can locate, layers

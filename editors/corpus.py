@@ -301,7 +301,7 @@ def open_corpus(
         raise ValueError(f"n_texts must be >= 1, got {n_texts}")
     if spec == "model":
         if model_id is None:
-            from .stats import model_fingerprint  # stats uses this module; import here to avoid a cycle
+            from factedit.models import model_fingerprint
 
             model_id = model_fingerprint(model)
         fingerprint = model_id

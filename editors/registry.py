@@ -30,22 +30,22 @@ class Method(NamedTuple):
 # Read-only table of the built-in methods (immutable, so it holds no state).
 METHODS: Mapping[str, Method] = MappingProxyType(
     {
-        "ft_l": Method("editors.ft.editor", "editors.ft.config:FTLConfig"),
-        "ft_m": Method("editors.ft.editor", "editors.ft.config:FTMConfig"),
-        "kn": Method("editors.kn.editor", "editors.kn.config:KNConfig"),
-        "rome": Method("editors.rome.editor", "editors.rome.config:ROMEConfig"),
-        "memit": Method("editors.memit.editor", "editors.memit.config:MEMITConfig"),
-        "pmet": Method("editors.memit.pmet", "editors.memit.config:PMETConfig"),
-        "alphaedit": Method("editors.memit.alphaedit", "editors.memit.config:AlphaEditConfig"),
-        "ke": Method("editors.ke.editor", "editors.ke.config:KEConfig"),
-        "mend": Method("editors.mend.editor", "editors.mend.config:MENDConfig"),
-        "enn": Method("editors.enn.editor", "editors.enn.config:ENNConfig"),
-        "serac": Method("editors.serac.editor", "editors.serac.config:SERACConfig"),
-        "grace": Method("editors.grace.editor", "editors.grace.config:GRACEConfig"),
-        "ike": Method("editors.ike.editor", "editors.ike.config:IKEConfig"),
-        "t_patcher": Method("editors.tpatcher.editor", "editors.tpatcher.config:TPatcherConfig"),
-        "calinet": Method("editors.calinet.editor", "editors.calinet.config:CaliNETConfig"),
-        "wise": Method("editors.wise.editor", "editors.wise.config:WISEConfig"),
+        "ft_l": Method("factedit.editors.ft.editor", "factedit.editors.ft.config:FTLConfig"),
+        "ft_m": Method("factedit.editors.ft.editor", "factedit.editors.ft.config:FTMConfig"),
+        "kn": Method("factedit.editors.kn.editor", "factedit.editors.kn.config:KNConfig"),
+        "rome": Method("factedit.editors.rome.editor", "factedit.editors.rome.config:ROMEConfig"),
+        "memit": Method("factedit.editors.memit.editor", "factedit.editors.memit.config:MEMITConfig"),
+        "pmet": Method("factedit.editors.memit.pmet", "factedit.editors.memit.config:PMETConfig"),
+        "alphaedit": Method("factedit.editors.memit.alphaedit", "factedit.editors.memit.config:AlphaEditConfig"),
+        "ke": Method("factedit.editors.ke.editor", "factedit.editors.ke.config:KEConfig"),
+        "mend": Method("factedit.editors.mend.editor", "factedit.editors.mend.config:MENDConfig"),
+        "enn": Method("factedit.editors.enn.editor", "factedit.editors.enn.config:ENNConfig"),
+        "serac": Method("factedit.editors.serac.editor", "factedit.editors.serac.config:SERACConfig"),
+        "grace": Method("factedit.editors.grace.editor", "factedit.editors.grace.config:GRACEConfig"),
+        "ike": Method("factedit.editors.ike.editor", "factedit.editors.ike.config:IKEConfig"),
+        "t_patcher": Method("factedit.editors.tpatcher.editor", "factedit.editors.tpatcher.config:TPatcherConfig"),
+        "calinet": Method("factedit.editors.calinet.editor", "factedit.editors.calinet.config:CaliNETConfig"),
+        "wise": Method("factedit.editors.wise.editor", "factedit.editors.wise.config:WISEConfig"),
     }
 )
 
@@ -107,8 +107,8 @@ def config_class(name: str) -> type[EditorConfig]:
 def lazy_attributes(package: str, *modules: str) -> Callable[[str], Any]:
     """A module ``__getattr__`` (PEP 562) for a method package that imports only its config: a
     name the package does not define is looked up in ``modules`` (relative to the package, in
-    order), which are imported on first access. So ``from editors.rome import ROME`` works, and
-    ``import editors.rome.config`` loads neither the method nor torch."""
+    order), which are imported on first access. So ``from factedit.editors.rome import ROME`` works, and
+    ``import factedit.editors.rome.config`` loads neither the method nor torch."""
 
     def __getattr__(name: str) -> Any:
         if not name.startswith("__"):

@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from factedit.models import model_fingerprint
+
 from .corpus import cache_root, max_positions, open_corpus
 from .hooks import StopForward, trace
 from .lm import model_device
@@ -63,28 +65,6 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no keys were accumulated")
         return self.total / self.count
-
-
-def model_fingerprint(model: torch.nn.Module, values_per_tensor: int = 4096) -> str:
-    """A hash of the model's configuration and a strided sample of every parameter's values.
-
-    A sample, not every byte, keeps this cheap for large models; an edit of a weight matrix
-    (dense or low-rank) changes values throughout it and so changes the fingerprint.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        # Where the model was loaded from and by which library version do not change its
-        # outputs: the same weights loaded from another path share their cached statistics.
-        settings = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        stride = max(1, flat.numel() // values_per_tensor)
-        sample = flat[::stride].to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 def _batches(texts: Iterable[str], max_texts: int, batch_size: int) -> Iterator[list[str]]:

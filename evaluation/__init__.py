@@ -1,0 +1,3 @@
+from factedit import require_namespace
+
+require_namespace(__name__)

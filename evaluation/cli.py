@@ -24,9 +24,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter,
 
 # What the parser needs imports no torch, so that --help and argument errors come at once; the
 # model, the editor and the scoring are imported once the arguments are parsed.
-from datamodules.records import FORMATS
-from datamodules.sources import known_sources
-from editors import available_editors, config_class, get_editor
+from factedit.datamodules.records import FORMATS, RecordError, load_requests
+from factedit.datamodules.sources import SourceError, known_sources
+from factedit.editors import available_editors, config_class, get_editor
 
 from .config import DEFAULT_CHECKPOINTS, MODES, SEQUENTIAL_SCORING, EvalConfig, GeneralConfig
 from .run_dir import RunDir, RunDirError
@@ -231,7 +231,7 @@ def claimed(run_dir: RunDir, shard: Shard) -> Iterator[None]:
 
 def _load_data(cfg: Namespace) -> tuple[list[Any], list[str]]:
     """The edit requests, and the records skipped as invalid (with --skip_invalid)."""
-    from datamodules import RecordError, SourceError, load_requests, validate_records
+    from factedit.datamodules import RecordError, SourceError, load_requests, validate_records
 
     skipped: list[str] = []
     try:
@@ -296,12 +296,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from evaluation.models import ModelLoadError, load_model
-    from evaluation.report import summary_table
+    from factedit.models import ModelLoadError, load_model
+    from factedit.evaluation.report import summary_table
 
     from .distributed import init_from_environment
     from .runner import EditorSetupError, EditRun
-    from .threads import set_threads
+    from factedit.threads import set_threads
 
     try:
         set_threads(cfg.threads)
@@ -323,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with claimed(run_dir, shard):
         requests, skipped = _load_data(cfg)
         logger.info("%d edit requests from %s; results in %s", len(requests), cfg.data, run_dir.root)
+        editor = editor_cls()
+        try:
+            editor.read_data(editor_config, lambda path, limit: load_requests(path, limit=limit, skip_invalid=True))
+        except (RecordError, SourceError, FileNotFoundError) as err:
+            parser.error(f"--editor.*: {err}")
         try:
             model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
         except ModelLoadError as err:
@@ -332,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run = EditRun(
                 model,
                 tokenizer,
-                editor_cls(),
+                editor,
                 editor_config,
                 requests,
                 run_dir.root,
@@ -367,3 +372,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(summary_table(summary, title))
     print(f"results: {run_dir.summary}, {run_dir.cases}, TensorBoard: {run_dir.tensorboard}")
     return summary
+
+
+def run() -> None:
+    """The ``factedit-edit`` console script (the same as ``python edit.py``)."""
+    main()

@@ -75,11 +75,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from editors.lm import cache_kwargs, cache_of
+from factedit.editors.lm import cache_kwargs, cache_of
 
 from .config import GENERAL_SOURCES as SOURCES  # noqa: F401  (where the suite's data comes from)
 from .config import TASKS, GeneralConfig, UnknownTaskError, check_tasks  # noqa: F401  (defined with the other run settings)
-from .models import cache_dir
+from factedit.models import cache_dir
 from .safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge, read_toxigen
 from .scoring import uses_chat_template
 

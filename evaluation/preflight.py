@@ -13,11 +13,11 @@ import dataclasses
 import os
 from typing import Iterator, Sequence
 
-from datamodules import RecordError
-from editors.base import EditorConfig, EditRequest
-from editors.corpus import max_positions
-from editors.lm import encode_pair
-from editors.targets import UnknownArchitectureError, get_targets
+from factedit.datamodules import RecordError
+from factedit.editors.base import EditorConfig, EditRequest
+from factedit.editors.corpus import max_positions
+from factedit.editors.lm import encode_pair
+from factedit.editors.targets import UnknownArchitectureError, get_targets
 
 from .scoring import GENERATION_MARGIN, EvalConfig
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from editors.provenance import software
+from factedit.editors.provenance import software
 
 
 def data_provenance(data: str | None) -> dict[str, Any]:
     """``data`` as given, the file it names (a named source resolved, never downloaded) and the
     SHA-256 of its bytes; ``None`` for what cannot be found."""
-    from datamodules.sources import SourceError, resolve_source, sha256_of
+    from factedit.datamodules.sources import SourceError, resolve_source, sha256_of
 
     found: dict[str, Any] = {"data": data, "data_file": None, "data_sha256": None}
     if data is None:
@@ -49,7 +49,7 @@ def data_provenance(data: str | None) -> dict[str, Any]:
 def run_provenance(model: torch.nn.Module, model_id: str | None = None, data: str | None = None) -> dict[str, Any]:
     """The block described in the module docstring, for ``model`` as it is now (unedited).
     Without ``model_id`` the name the model was loaded under is used, if it has one."""
-    from editors.stats import model_fingerprint
+    from factedit.models import model_fingerprint
 
     if model_id is None:
         model_id = getattr(model, "name_or_path", None) or None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metrics import PORTABILITY_KIND_PREFIX, protocol_of
+from factedit.metrics import PORTABILITY_KIND_PREFIX, protocol_of
 
 ROWS = (
     ("reliability", "edit prompt, new target: token accuracy"),

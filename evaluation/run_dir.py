@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import yaml
 
 if TYPE_CHECKING:
-    from editors.base import Edit
+    from factedit.editors.base import Edit
 
 logger = logging.getLogger(__name__)
 

@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from editors.base import Edit, Editor, EditorConfig, EditRequest
-from editors.lm import join_rule, model_device
-from editors.provenance import utc_now
+from factedit.editors.base import Edit, Editor, EditorConfig, EditRequest
+from factedit.editors.lm import join_rule, model_device
+from factedit.editors.provenance import utc_now
 
 from .board import RunBoard
 from .compare.scores import case_values, standard_error
@@ -86,7 +86,7 @@ succeed."""
 def model_state(model: torch.nn.Module) -> tuple[str, int]:
     """What a failed edit must leave as it was: the weights' fingerprint (a strided sample of
     every parameter, about 25 ms for a 135M-parameter model) and the number of forward hooks."""
-    from editors.stats import model_fingerprint
+    from factedit.models import model_fingerprint
 
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     return model_fingerprint(model), hooks
@@ -593,9 +593,9 @@ class EditRun:
         import hashlib
         from importlib.metadata import PackageNotFoundError, version
 
-        from editors.stats import model_fingerprint
+        from factedit.models import model_fingerprint
 
-        from .models import cache_dir
+        from factedit.models import cache_dir
 
         try:
             engine = version("lm_eval")

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torchmetrics import CatMetric, MaxMetric, MeanMetric, Metric
 
-from editors.base import EditRequest
-from editors.lm import collate_pairs, encode_pair, logits_at, model_device
-from metrics import (
+from factedit.editors.base import EditRequest
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at, model_device
+from factedit.metrics import (
     PORTABILITY_KIND_PREFIX,
     GenerationContains,
     GenerationExactMatch,

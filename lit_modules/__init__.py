@@ -5,6 +5,10 @@ Importing the package imports every module, so that ``train.py`` knows each by i
 (``--model MENDModule``, ``--model.help MENDModule``) as well as by its full class path.
 """
 
+from factedit import require_namespace
+
+require_namespace(__name__)
+
 from .base import EditorModule, WeightEditModule
 from .enn import ENNModule
 from .ke import KEModule

@@ -38,8 +38,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from editors import get_editor
-from editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, gradient_pieces, model_signature, network_meta, read_checkpoint, save_network
+from factedit.editors import get_editor
+from factedit.editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, gradient_pieces, model_signature, network_meta, read_checkpoint, save_network
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class EditorModule(LightningModule):
     def configure_model(self) -> None:
         """Load the frozen model (when given by name) and build the network, once."""
         if self.base is None:
-            from evaluation.models import load_model
+            from factedit.models import load_model
 
             self.base, self._tokenizer = load_model(self.model_spec, device="cpu")
             self._freeze_base()

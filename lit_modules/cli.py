@@ -26,8 +26,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from datamodules.edit_datamodule import EditDataModule
-from editors.learned import CheckpointError, unreadable_checkpoint
+from factedit.datamodules.edit_datamodule import EditDataModule
+from factedit.editors.learned import CheckpointError, unreadable_checkpoint
 
 from .base import EditorModule
 
@@ -86,7 +86,7 @@ class EditorCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        from evaluation.threads import set_threads
+        from factedit.threads import set_threads
 
         config = self.config[self.config.subcommand] if getattr(self.config, "subcommand", None) else self.config
         set_threads(config.get("threads", "auto"))
@@ -105,3 +105,8 @@ class EditorCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
             trainer.strategy.checkpoint_io = NamedCheckpointIO()
         return trainer
+
+
+def main() -> None:
+    """``python train.py`` and the ``factedit-train`` console script."""
+    EditorCLI()

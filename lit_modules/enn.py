@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editors.enn import ENNConfig
-from editors.learned import answer_logits, edited_params
+from factedit.editors.enn import ENNConfig
+from factedit.editors.learned import answer_logits, edited_params
 
 from .base import WeightEditModule
 

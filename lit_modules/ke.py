@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from editors.ke import KEConfig, predict_updates
+from factedit.editors.ke import KEConfig, predict_updates
 
 from .base import WeightEditModule
 

@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from editors.learned import gradient_pieces
-from editors.mend import MENDConfig
+from factedit.editors.learned import gradient_pieces
+from factedit.editors.mend import MENDConfig
 
 from .base import WeightEditModule
 

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.edit_datamodule import PARTS
-from editors.learned import answer_accuracy, answer_nll, label_positions, save_network
-from editors.lm import unembed
-from editors.serac import Bank, Job, SERACConfig, base_pass, counterfactual_states, routed_hidden
-from editors.serac.editor import separator_ids
+from factedit.datamodules.edit_datamodule import PARTS
+from factedit.editors.learned import answer_accuracy, answer_nll, label_positions, save_network
+from factedit.editors.lm import unembed
+from factedit.editors.serac import Bank, Job, SERACConfig, base_pass, counterfactual_states, routed_hidden
+from factedit.editors.serac.editor import separator_ids
 
 from .base import EditorModule
 

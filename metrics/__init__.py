@@ -19,16 +19,20 @@ is the mean over cases (a macro average, as EasyEdit and ROME report). Cases wit
 are skipped, and ``compute()`` with no counted case returns ``nan``.
 """
 
-from metrics.fluency import NGramEntropy, mean_ngram_entropy, ngram_entropy, word_tokenize
-from metrics.generation import (
+from factedit import require_namespace
+
+require_namespace(__name__)
+
+from factedit.metrics.fluency import NGramEntropy, mean_ngram_entropy, ngram_entropy, word_tokenize
+from factedit.metrics.generation import (
     GenerationContains,
     GenerationExactMatch,
     generation_contains,
     generation_exact_match,
     normalize_answer,
 )
-from metrics.probability import ProbabilityComparison, harmonic_mean, probability_comparison
-from metrics.token import LocalityAgreement, TokenAccuracy, locality_agreement, token_accuracy
+from factedit.metrics.probability import ProbabilityComparison, harmonic_mean, probability_comparison
+from factedit.metrics.token import LocalityAgreement, TokenAccuracy, locality_agreement, token_accuracy
 
 PROTOCOLS: dict[str, str] = {
     "reliability": "token",

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from typing import Any, ClassVar, Sequence
 
-from metrics.base import CaseAverage
+from factedit.metrics.base import CaseAverage
 
 __all__ = ["word_tokenize", "ngram_entropy", "mean_ngram_entropy", "NGramEntropy"]
 

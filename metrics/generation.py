@@ -32,7 +32,7 @@ import string
 import unicodedata
 from typing import Callable, ClassVar, Sequence
 
-from metrics.base import CaseAverage
+from factedit.metrics.base import CaseAverage
 
 __all__ = [
     "normalize_answer",

@@ -25,7 +25,7 @@ from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
-from metrics.base import CaseAverage
+from factedit.metrics.base import CaseAverage
 
 __all__ = ["token_accuracy", "locality_agreement", "TokenAccuracy", "LocalityAgreement"]
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from evaluation.general import HEADLINE, TASKS, GeneralConfig, run_general
-    from evaluation.models import DEFAULT_MODEL, load_model
+    from factedit.evaluation.general import HEADLINE, TASKS, GeneralConfig, run_general
+    from factedit.models import DEFAULT_MODEL, load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("evaluation").setLevel(logging.INFO)
+    logging.getLogger("factedit.evaluation").setLevel(logging.INFO)
 
     tick = time.perf_counter()
     model, tokenizer = load_model(args.model)

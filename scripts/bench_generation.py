@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from datamodules.records import load_requests
-    from evaluation.config import EvalConfig
-    from evaluation.models import DEFAULT_MODEL, load_model
-    from evaluation.scoring import GENERATION_GROUPS as groups
-    from evaluation.scoring import GENERATION_SCORES, measure_generation
+    from factedit.datamodules.records import load_requests
+    from factedit.evaluation.config import EvalConfig
+    from factedit.models import DEFAULT_MODEL, load_model
+    from factedit.evaluation.scoring import GENERATION_GROUPS as groups
+    from factedit.evaluation.scoring import GENERATION_SCORES, measure_generation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)

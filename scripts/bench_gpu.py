@@ -93,7 +93,7 @@ def build(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
 def timed_edit(editor, model, tokenizer, request, config, device) -> tuple[float, float]:
     """Seconds and peak memory (GiB: allocated on a GPU, the process's RSS on a CPU) of one edit,
     reverted afterwards."""
-    from evaluation.efficiency import measure
+    from factedit.evaluation.efficiency import measure
 
     with measure(device) as cost:
         edit = editor.apply(model, tokenizer, [request], config)
@@ -102,8 +102,8 @@ def timed_edit(editor, model, tokenizer, request, config, device) -> tuple[float
 
 
 def bench(shape: str, dtype_name: str, tokenizer, device: torch.device) -> dict:
-    from editors import EditRequest, get_editor
-    from evaluation.efficiency import measure
+    from factedit.editors import EditRequest, get_editor
+    from factedit.evaluation.efficiency import measure
 
     dtype = getattr(torch, dtype_name)
     row: dict = {"shape": shape, "dtype": dtype_name, "device": str(device)}
@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.save_tokenizer:
-        from evaluation.models import load_tokenizer
+        from factedit.models import load_tokenizer
 
         load_tokenizer().save_pretrained(args.save_tokenizer)
         print(f"saved the default model's tokenizer to {args.save_tokenizer}")
@@ -167,7 +167,7 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
-        from evaluation.models import load_tokenizer
+        from factedit.models import load_tokenizer
 
         tokenizer = load_tokenizer()
     if tokenizer.pad_token_id is None:

@@ -33,11 +33,12 @@ TOKEN = ("reliability", "generalization", "locality")
 
 def statistics_cost(model_name: str, methods: list[str]) -> list[str]:
     """Time the corpus sampling and the key-statistics pass for each method's layers, cold."""
-    from editors import get_editor
-    from editors.corpus import open_corpus
-    from editors.stats import layer_statistics, model_fingerprint
-    from editors.targets import get_targets
-    from evaluation.models import load_model
+    from factedit.editors import get_editor
+    from factedit.editors.corpus import open_corpus
+    from factedit.editors.stats import layer_statistics
+    from factedit.models import model_fingerprint
+    from factedit.editors.targets import get_targets
+    from factedit.models import load_model
 
     model, tokenizer = load_model(model_name)
     targets = get_targets(model)
@@ -67,7 +68,7 @@ def statistics_cost(model_name: str, methods: list[str]) -> list[str]:
 
 
 def run_method(method: str, data: str, limit: int, out: Path, model_name: str) -> dict:
-    from evaluation.cli import main
+    from factedit.evaluation.cli import main
 
     argv = ["--editor", method, "--model", model_name, "--data", data, "--limit", str(limit), "--eval.fluency", "false", "--progress", "false", "--out", str(out)]
     if method in BATCH_METHODS:

@@ -35,11 +35,11 @@ def main() -> None:
     parser.add_argument("--es-batch", type=int, default=16, help="requests per ES scoring pass")
     args = parser.parse_args()
 
-    from datamodules.records import load_requests
-    from editors import get_editor
-    from editors.lm import model_device
-    from evaluation.efficiency import measure
-    from evaluation.models import load_model
+    from factedit.datamodules.records import load_requests
+    from factedit.editors import get_editor
+    from factedit.editors.lm import model_device
+    from factedit.evaluation.efficiency import measure
+    from factedit.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     requests = load_requests(args.data, limit=args.edits)
@@ -79,7 +79,7 @@ def main() -> None:
 
 def edit_success(model, tokenizer, requests, batch: int) -> float:
     """Share of requests whose edit prompt gives the new target a lower NLL than the true one."""
-    from evaluation.scoring import score_pairs
+    from factedit.evaluation.scoring import score_pairs
 
     pairs = [(r.prompt, t) for r in requests for t in (r.target_new, r.target_true)]
     nll = [s["nll"] for s in score_pairs(model, tokenizer, pairs, batch_size=2 * batch)]

@@ -32,13 +32,13 @@ def main() -> None:
 
     import importlib
 
-    from datamodules.records import load_requests
-    from editors import get_editor
-    from evaluation.models import load_model
+    from factedit.datamodules.records import load_requests
+    from factedit.editors import get_editor
+    from factedit.models import load_model
 
     model, tokenizer = load_model(args.model)
     requests = load_requests(args.data if Path(args.data).exists() else "counterfact-demo", limit=args.limit)
-    modules = {"grace": "editors.grace.editor", "t_patcher": "editors.tpatcher.editor", "calinet": "editors.calinet.editor", "wise": "editors.wise.editor"}
+    modules = {"grace": "factedit.editors.grace.editor", "t_patcher": "factedit.editors.tpatcher.editor", "calinet": "factedit.editors.calinet.editor", "wise": "factedit.editors.wise.editor"}
 
     @contextlib.contextmanager
     def every_block(*_args, **_kwargs):

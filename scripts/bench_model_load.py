@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["FACTEDIT_CACHE"] = cache
-        from evaluation.models import load_model
+        from factedit.models import load_model
 
         timings = []
         for label in ("first load (dequantize GGUF, write safetensors)", "second load (cached)", "third load (cached)"):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from evaluation import scoring  # noqa: E402
+from factedit.evaluation import scoring  # noqa: E402
 
 TIMED = {"score_pairs": "teacher-forced", "generate_texts": "fluency", "measure_generation": "generation scoring"}
 
@@ -45,7 +45,7 @@ def with_timer(fn, totals: dict[str, float], label: str):
 def decode_ms_per_token(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
     """Milliseconds per new token and sequence of greedy decoding with the KV cache, on the
     model's device (a GPU is synchronised before the clock is read)."""
-    from editors.lm import model_device
+    from factedit.editors.lm import model_device
 
     device = model_device(model)
     prompts = ["The mother tongue of Danielle Darrieux is"] * batch
@@ -73,10 +73,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
 
-    from datamodules import load_requests
-    from editors import get_editor
-    from evaluation.models import load_model
-    from evaluation.runner import EditRun
+    from factedit.datamodules import load_requests
+    from factedit.editors import get_editor
+    from factedit.models import load_model
+    from factedit.evaluation.runner import EditRun
 
     model, tokenizer = load_model(args.model)
     totals: dict[str, float] = defaultdict(float)

@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=${*:-ft_m rome memit}
 if [ "$methods" = "all" ]; then
-  methods=$(python -c "from editors.registry import available_editors; print(' '.join(available_editors()))")
+  methods=$(python -c "from factedit.editors.registry import available_editors; print(' '.join(available_editors()))")
 fi
 data=${DATA:-../shared/data/counterfact/counterfact_test.json}
 limit=${LIMIT:-200}

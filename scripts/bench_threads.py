@@ -6,7 +6,7 @@ would), all in one run so the ratios compare like with like.
     python scripts/bench_threads.py [--iters 5] [--threads 1 2]
 
 Prints seconds per iteration for each (neighbour, threads) pair and the slowdown against one
-thread alone. ``evaluation.threads.choose_threads`` implements the policy these figures support.
+thread alone. ``factedit.threads.choose_threads`` implements the policy these figures support.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
-    from evaluation.models import load_model
+    from factedit.models import load_model
 
     model, _ = load_model(args.model)
     model.requires_grad_(True)

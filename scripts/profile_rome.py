@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None)
     args = parser.parse_args()
 
-    from datamodules.records import load_requests
-    from editors import get_editor
-    from evaluation.models import load_model
+    from factedit.datamodules.records import load_requests
+    from factedit.editors import get_editor
+    from factedit.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     requests = load_requests(args.data, limit=args.records + 1)

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from editors.base import QA, EditRequest
+from factedit.editors.base import QA, EditRequest
 
 CORPUS = [
     "The mother tongue of Danielle Darrieux is French.",

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from evaluation.compare import edit_budget
-from evaluation.compare.budget import at_chance, mcnemar_worse, paired_p_value, sign_flip_worse
-from evaluation.compare.sequential import budget_table
-from evaluation.compare.runs import Run
+from factedit.evaluation.compare import edit_budget
+from factedit.evaluation.compare.budget import at_chance, mcnemar_worse, paired_p_value, sign_flip_worse
+from factedit.evaluation.compare.sequential import budget_table
+from factedit.evaluation.compare.runs import Run
 
 
 def test_mcnemar_by_hand():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import Edit, get_editor
-from editors.calinet import CaliNETConfig, CaliNETEdit
-from editors.ffn_patch import patch_hooks
-from editors.lm import collate_pairs, encode_pair, logits_at
-from editors.targets import get_module
+from factedit.editors import Edit, get_editor
+from factedit.editors.calinet import CaliNETConfig, CaliNETEdit
+from factedit.editors.ffn_patch import patch_hooks
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.targets import get_module
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:

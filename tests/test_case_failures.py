@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-import evaluation.runner as runner
-from editors import get_editor
-from editors.base import Edit, ParamDelta
-from evaluation.cli import main
-from evaluation.report import summary_table
-from evaluation.runner import EditRun, read_jsonl
-from evaluation.scoring import EvalConfig, RunMetrics
+import factedit.evaluation.runner as runner
+from factedit.editors import get_editor
+from factedit.editors.base import Edit, ParamDelta
+from factedit.evaluation.cli import main
+from factedit.evaluation.report import summary_table
+from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.scoring import EvalConfig, RunMetrics
 
 FT = dict(layers=[1], lr=1e-2, steps=3)
 EVAL = EvalConfig(batch_size=8, fluency=False, generation_max_new_tokens=2)
@@ -134,14 +134,14 @@ def test_refused_edit_is_recorded_and_the_other_edits_go_on(mode, per_call, refu
 def test_compare_reads_a_sequential_run_with_failed_cases(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
     from conftest import build_llama
 
-    import evaluation.general
-    from evaluation.general import GeneralConfig
+    from factedit.evaluation import general as evaluation_general
+    from factedit.evaluation.general import GeneralConfig
     from test_runner import as_suite
 
     def probe(model, tokenizer, config):  # a stand-in for the general suite that moves with the weights
         return {"probe": {"acc": sum(float(p.detach().double().abs().sum()) for p in model.parameters())}}
 
-    monkeypatch.setattr(evaluation.general, "run_general", as_suite(probe))
+    monkeypatch.setattr(evaluation_general, "run_general", as_suite(probe))
     editor = _Wrapped(get_editor("ft_m")(), _nan_edit_for("1"))
     run = EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "sequential", 1, EVAL,
                   progress=False, checkpoints=[1, 2], general=GeneralConfig(tasks=["piqa"]))
@@ -224,7 +224,7 @@ def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, 
 
 
 def test_fine_tuning_that_fails_midway_leaves_the_weights_as_found(tiny_model, tokenizer, request_factory, monkeypatch):
-    import editors.ft.editor as ft
+    import factedit.editors.ft.editor as ft
 
     def broken(model, batch, optimizer, *args):
         optimizer.param_groups[0]["params"][0].data.add_(1.0)  # a training step happened

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.records import FORMATS
-from datamodules.sources import known_sources
-from editors import available_editors, config_class, get_editor
-from editors.registry import METHODS
-from evaluation.cli import build_parser, field_help, main
-from evaluation.config import MODES, EvalConfig, GeneralConfig
+from factedit.datamodules.records import FORMATS
+from factedit.datamodules.sources import known_sources
+from factedit.editors import available_editors, config_class, get_editor
+from factedit.editors.registry import METHODS
+from factedit.evaluation.cli import build_parser, field_help, main
+from factedit.evaluation.config import MODES, EvalConfig, GeneralConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "torchmetrics", "lightning")
@@ -56,7 +56,7 @@ def test_every_setting_of_every_editor_shows_its_help(name):
 
 
 def test_an_overridden_default_keeps_its_base_help():
-    from editors.ft import FTConfig, FTLConfig
+    from factedit.editors.ft import FTConfig, FTLConfig
 
     assert field_help(FTLConfig, "objective") == FTConfig.__dataclass_fields__["objective"].metadata["help"]
     assert field_help(FTLConfig, "no_such_field") is None
@@ -101,8 +101,8 @@ def test_help_imports_neither_torch_nor_any_method():
     torch (about 1.5 s of imports) and no method's implementation."""
     code = f"""
 import contextlib, io, sys
-from evaluation.cli import build_parser, main
-from editors import available_editors
+from factedit.evaluation.cli import build_parser, main
+from factedit.editors import available_editors
 for name in available_editors():
     build_parser(name).format_help()
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):

@@ -14,7 +14,7 @@ import struct
 import pytest
 import yaml
 
-from evaluation.compare import (
+from factedit.evaluation.compare import (
     checkpoint_intervals,
     compare,
     edit_budget,
@@ -29,7 +29,7 @@ from evaluation.compare import (
     standard_error,
     write_tensorboard,
 )
-from evaluation.compare.scores import latex_escape
+from factedit.evaluation.compare.scores import latex_escape
 
 RETENTION = {"reliability": 0.9, "generalization": 0.6, "locality": 0.95, "es": 1.0, "ps": 0.9, "ns": 0.7, "score": 0.85}
 
@@ -518,14 +518,14 @@ def test_cases_file_is_read_without_changes(tmp_path):
 
 
 def test_every_score_has_a_readable_name():
-    from evaluation.report import LABELS, ROWS, label_of
+    from factedit.evaluation.report import LABELS, ROWS, label_of
 
     assert all(key in LABELS for key, _ in ROWS)
     assert label_of("portability_multi_hop") == "Portability (multi hop)"
 
 
 def test_help_describes_the_comparison(capsys):
-    from evaluation.cli import main as edit_main
+    from factedit.evaluation.cli import main as edit_main
 
     with pytest.raises(SystemExit) as exit_info:
         edit_main(["compare", "--help"])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editors import get_editor
-from evaluation.cli import _editor_name, build_parser
+from factedit.editors import get_editor
+from factedit.evaluation.cli import _editor_name, build_parser
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -37,7 +37,7 @@ def test_config_parses(path):
     else:
         data = yaml.safe_load(path.read_text())
         if "model" in data:  # a full train.py config: train.py's CLI builds model, data and trainer
-            from lit_modules.cli import EditorCLI
+            from factedit.lit_modules.cli import EditorCLI
 
             cli = EditorCLI(run=False, save_config_callback=None, args=["--config", str(path), "--trainer.logger", "false"])
             assert cli.model.editor.name == cli.model.editor_name  # the module trains a registered editor

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-import datamodules
+from factedit import datamodules
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
-from datamodules.edit_datamodule import (
+from factedit.datamodules.edit_datamodule import (
     IGNORE_INDEX,
     PARTS,
     CounterFactDataModule,
@@ -29,8 +29,8 @@ from datamodules.edit_datamodule import (
     split_indices,
     template_ids,
 )
-from datamodules.records import load_requests
-from datamodules.sources import (
+from factedit.datamodules.records import load_requests
+from factedit.datamodules.sources import (
     SOURCES,
     Source,
     SourceError,
@@ -94,7 +94,7 @@ def test_failed_verification_leaves_no_file(tmp_path, sha256, size, match):
 
 def test_unknown_checksum_keeps_the_file_and_logs_its_digest(tmp_path, caplog):
     url, digest = _served(tmp_path, b"[1]")
-    with caplog.at_level(logging.WARNING, logger="datamodules.sources"):
+    with caplog.at_level(logging.WARNING, logger="factedit.datamodules.sources"):
         dest = download_file(url, tmp_path / "cache" / "file.json", sha256=None)
     assert dest.read_bytes() == b"[1]" and digest in caplog.text
 
@@ -268,7 +268,7 @@ def test_requests_without_locality_are_left_out(tmp_path, tokenizer, caplog):
     del records[2]["loc"], records[2]["loc_ans"]
     path = tmp_path / "zsre.json"
     path.write_text(json.dumps(records))
-    with caplog.at_level(logging.WARNING, logger="datamodules.edit_datamodule"):
+    with caplog.at_level(logging.WARNING, logger="factedit.datamodules.edit_datamodule"):
         module = make_module(path, tokenizer, val_fraction=0.0)
     assert [r.case_id for r in module.train_requests] == ["0", "1", "3"] and "no locality probe" in caplog.text
 
@@ -290,7 +290,7 @@ def test_a_tokenizer_name_is_loaded_lazily(counterfact_file, tokenizer, monkeypa
         calls.append(name_or_path)
         return tokenizer
 
-    monkeypatch.setitem(sys.modules, "evaluation.models", types.SimpleNamespace(load_tokenizer=load_tokenizer))
+    monkeypatch.setitem(sys.modules, "factedit.models", types.SimpleNamespace(load_tokenizer=load_tokenizer))
     module = EditDataModule(str(counterfact_file), tokenizer="tiny-model", val_fraction=0.0)
     assert calls == [] and module.hparams["tokenizer"] == "tiny-model"
     module.setup("fit")
@@ -374,7 +374,7 @@ def test_template_batches_follow_seed_and_epoch(templated_file, tokenizer):
 
 
 def test_template_batches_are_pure_when_templates_fill_whole_batches(templated_file, tokenizer, caplog):
-    with caplog.at_level(logging.INFO, logger="datamodules.edit_datamodule"):
+    with caplog.at_level(logging.INFO, logger="factedit.datamodules.edit_datamodule"):
         module = make_module(templated_file, tokenizer, batch_size=3, val_fraction=0.0, group_by="template")
     assert "4 prompt templates among 24 training requests" in caplog.text
     assert "share the edit's template 100.0% of the time" in caplog.text
@@ -418,7 +418,7 @@ def test_mquake_is_verified_by_its_git_blob_id():
 
 
 def test_git_blob_id_is_gits_and_a_mismatch_leaves_no_file(tmp_path):
-    from datamodules.sources import git_blob_of
+    from factedit.datamodules.sources import git_blob_of
 
     url, _ = _served(tmp_path, b"hello\n")
     dest = tmp_path / "cache" / "file.json"

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from datamodules import load_requests
-from editors import get_editor
-from editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.datamodules import load_requests
+from factedit.editors import get_editor
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
 
 pytestmark = [
     pytest.mark.slow,
@@ -19,7 +19,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def default_model():
-    from evaluation.models import load_model
+    from factedit.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from editors.base import Edit, EditError, Editor, EditorConfig, EditRequest, ParamDelta, register_editor
+from factedit.editors.base import Edit, EditError, Editor, EditorConfig, EditRequest, ParamDelta, register_editor
 
 
 def _name(model) -> str:
@@ -216,7 +216,7 @@ def _texts(request) -> dict:
 def test_saved_edit_records_its_requests_and_the_software(tmp_path, tokenizer, request_factory):
     from conftest import build_gpt2
 
-    from editors import get_editor
+    from factedit.editors import get_editor
 
     model = build_gpt2(len(tokenizer))
     requests = [request_factory("7"), request_factory("8", target_true=None, target_new="Dutch")]

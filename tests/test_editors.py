@@ -14,8 +14,8 @@ import dataclasses
 import pytest
 import torch
 
-from editors import Edit, available_editors, get_editor
-from editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors import Edit, available_editors, get_editor
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -216,7 +216,7 @@ def test_unknown_editor_lists_available():
 
 @pytest.mark.parametrize("name", ["ft_m", "rome", "memit"])
 def test_edits_of_one_weight_revert_only_in_reverse_order(name, tiny_model, tokenizer, request_factory, checkpoints):
-    from editors import EditError
+    from factedit.editors import EditError
 
     first = _for(name, request_factory("a", target_new="Paris"))
     second = _for(name, request_factory("b", target_new="Rome"))

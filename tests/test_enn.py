@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import build_gpt2, build_llama
-from editors import get_editor
-from editors.enn import ENNConfig
-from editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
-from editors.targets import get_module, get_parameter_name, is_transposed
-from lit_modules.enn import ENNModule
+from factedit.editors import get_editor
+from factedit.editors.enn import ENNConfig
+from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
+from factedit.editors.targets import get_module, get_parameter_name, is_transposed
+from factedit.lit_modules.enn import ENNModule
 from test_ke import _data, _trainer  # the same six tiny facts and quiet trainer
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")

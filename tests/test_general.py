@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from evaluation.config import SAFETY_TASKS
-from evaluation.general import (
+from factedit.evaluation.config import SAFETY_TASKS
+from factedit.evaluation.general import (
     HEADLINE,
     TASKS,
     GeneralConfig,
@@ -211,7 +211,7 @@ def test_accuracy_is_the_argmax_of_the_models_own_loglikelihoods(kind, tokenizer
 
 
 def test_truthfulqa_mc2_is_the_normalised_mass_of_true_answers(llama, tokenizer, data_dir):
-    from evaluation.general import _TRUTHFULQA_PRIMER
+    from factedit.evaluation.general import _TRUTHFULQA_PRIMER
 
     run = run_general(llama, tokenizer, GeneralConfig(tasks=["truthfulqa_mc2", "truthfulqa_mc1"], limit=1, data_dir=str(data_dir)))
     scores = run.scores
@@ -398,7 +398,7 @@ def test_every_local_file_of_the_shared_folder_is_read(isolated_cache):
 
 @pytest.mark.slow
 def test_default_model_on_arc_easy():
-    from evaluation.models import load_model
+    from factedit.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     scores = evaluate_general(model, tokenizer, GeneralConfig(tasks=["arc_easy"], limit=100))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_request
-from editors.base import QA
-from editors.lm import encode_pair
-from evaluation.report import summary_table
-from evaluation.scoring import (
+from factedit.editors.base import QA
+from factedit.editors.lm import encode_pair
+from factedit.evaluation.report import summary_table
+from factedit.evaluation.scoring import (
     GENERATION_MARGIN,
     EvalConfig,
     RunMetrics,
@@ -21,7 +21,7 @@ from evaluation.scoring import (
     measure_case,
     protocols_of,
 )
-from metrics import (
+from factedit.metrics import (
     PROTOCOLS,
     GenerationContains,
     GenerationExactMatch,
@@ -282,7 +282,7 @@ def test_run_summary_by_hand():
 
 
 def test_generation_scoring_sees_a_serac_edit(tiny_model, tokenizer):
-    from editors.serac import SERAC, EditMemory, SERACConfig
+    from factedit.editors.serac import SERAC, EditMemory, SERACConfig
 
     request = make_request(target_new="Paris", portability=(QA("The capital of Italy is", "Rome", kind="Reasoning"),))
     config = EvalConfig(fluency=False, batch_size=4)
@@ -334,7 +334,7 @@ def test_hook_editors_generate_alike_batched_alone_and_uncached(tiny_model, toke
     """An editor that works through forward hooks must decode alike whether a prompt is generated
     in a padded batch or alone, with the key-value cache or without any cache: its hooks have to
     follow the cache under whichever name the installed transformers passes it."""
-    from editors import get_editor
+    from factedit.editors import get_editor
     from test_editors import TEST_SETTINGS
 
     request = make_request(target_new="Paris")
@@ -348,7 +348,7 @@ def test_hook_editors_generate_alike_batched_alone_and_uncached(tiny_model, toke
     edit = editor().apply(tiny_model, tokenizer, [request], editor.config_class(**settings))
     try:
         if name == "serac":
-            from editors.serac import EditMemory
+            from factedit.editors.serac import EditMemory
 
             torch.manual_seed(0)
             with torch.no_grad():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import get_editor
-from evaluation.runner import EditRun, read_jsonl
-from evaluation.scoring import EvalConfig
+from factedit.editors import get_editor
+from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.scoring import EvalConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import Edit, get_editor
-from editors.grace import Codebook, Entries, GRACEConfig, plan_updates
-from editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors import Edit, get_editor
+from factedit.editors.grace import Codebook, Entries, GRACEConfig, plan_updates
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
 
 
 def _config(**overrides) -> GRACEConfig:
@@ -158,7 +158,7 @@ def test_a_saved_edit_loads_where_its_editor_was_never_imported(tiny_model, toke
     edit = get_editor("grace")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(steps=1))
     edit.save(tmp_path / "e")
     edit.revert(tiny_model)
-    code = f"import sys; from editors import Edit; edit = Edit.load({str(tmp_path / 'e')!r}); print(type(edit).__name__, 'editors.grace.editor' in sys.modules)"
+    code = f"import sys; from factedit.editors import Edit; edit = Edit.load({str(tmp_path / 'e')!r}); print(type(edit).__name__, 'factedit.editors.grace.editor' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

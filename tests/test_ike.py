@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from editors import Edit, get_editor
-from editors.ike import ContextPrefix, IKEConfig, demonstrations
-from editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors import Edit, get_editor
+from factedit.editors.ike import ContextPrefix, IKEConfig, demonstrations
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
 
 
 def _config(**overrides) -> IKEConfig:
@@ -100,6 +100,30 @@ def test_save_load_round_trip(tiny_model, tokenizer, request_factory, tmp_path):
 def test_builtin_pool_is_used(tiny_model, tokenizer, request_factory):
     edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], IKEConfig(k=2))
     assert edit.info["demonstrations"] == 3
+    edit.revert(tiny_model)
+
+
+def test_pool_file_records_come_from_the_application(tiny_model, tokenizer, request_factory):
+    """The editor reads no file: ``pool_path``'s records arrive through ``read_data`` (edit.py's
+    reader, here a stub that records what it was asked), and an unread ``pool_path`` is refused."""
+    import pytest
+
+    from factedit.editors import EditError
+
+    config = _config(k=2, pool_path="pool.json", pool_limit=5)
+    with pytest.raises(EditError, match="read_data"):
+        get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], config)
+    asked = []
+
+    def reader(path, limit):
+        asked.append((path, limit))
+        return [request_factory("p1", target_new="Berlin"), request_factory("p2", target_new="Madrid")]
+
+    editor = get_editor("ike")()
+    editor.read_data(config, reader)
+    edit = editor.apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], config)
+    assert asked == [("pool.json", 5)]
+    assert edit.info["demonstrations"] == 3  # two chosen from the file's six, then the copy demonstration
     edit.revert(tiny_model)
 
 

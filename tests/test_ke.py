@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch import Trainer
 
 from conftest import build_gpt2, build_llama
-from datamodules.edit_datamodule import EditDataModule
-from editors import get_editor
-from editors.ke import KEConfig, predict_updates
-from editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
-from editors.targets import get_module, get_parameter_name, is_transposed
-from lit_modules.ke import KEModule
+from factedit.datamodules.edit_datamodule import EditDataModule
+from factedit.editors import get_editor
+from factedit.editors.ke import KEConfig, predict_updates
+from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
+from factedit.editors.targets import get_module, get_parameter_name, is_transposed
+from factedit.lit_modules.ke import KEModule
 
 SMALL = dict(lstm_hidden=16, condition_dim=32, head_hidden=32)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from datamodules.edit_datamodule import EditDataModule
-from editors import get_editor
-from editors.learned import (
+from factedit.datamodules.edit_datamodule import EditDataModule
+from factedit.editors import get_editor
+from factedit.editors.learned import (
     CheckpointError,
     answer_logits,
     answer_nll,
@@ -21,11 +21,11 @@ from editors.learned import (
     pair_batch,
     read_checkpoint,
 )
-from editors.mend import MENDConfig
-from editors.mend.network import nonzero_pieces
-from editors.targets import is_transposed, weight_as_out_in
-from lit_modules.base import single_request
-from lit_modules.mend import MENDModule
+from factedit.editors.mend import MENDConfig
+from factedit.editors.mend.network import nonzero_pieces
+from factedit.editors.targets import is_transposed, weight_as_out_in
+from factedit.lit_modules.base import single_request
+from factedit.lit_modules.mend import MENDModule
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -287,7 +287,7 @@ def _edit_success(model, tokenizer, requests, config) -> float:
 
 def test_training_beats_untrained_and_checkpoint_round_trips(tokenizer, zsre_file, tmp_path):
     from conftest import build_llama
-    from datamodules.records import load_requests
+    from factedit.datamodules.records import load_requests
 
     model = build_llama(len(tokenizer))
     config = MENDConfig(layers=[-2, -1], rank=16, n_hidden=1, edit_lr_init=1.0e-2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import tensor
 
-from metrics import (
+from factedit.metrics import (
     PROTOCOLS,
     LocalityAgreement,
     NGramEntropy,

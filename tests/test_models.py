@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from evaluation import models
+from factedit import models
 
 
 def test_missing_bundled_package_says_what_to_install(monkeypatch):

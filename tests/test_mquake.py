@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-import datamodules
-from datamodules.records import (
+from factedit import datamodules
+from factedit.datamodules.records import (
     MULTI_HOP_KIND,
     SINGLE_HOP_KIND,
     RawRecord,
@@ -26,8 +26,8 @@ from datamodules.records import (
     requests_to_dataset,
     validate_records,
 )
-from datamodules.sources import SOURCES, SourceError, ensure_downloaded, resolve_source, source_path
-from editors.base import QA, EditRequest
+from factedit.datamodules.sources import SOURCES, SourceError, ensure_downloaded, resolve_source, source_path
+from factedit.editors.base import QA, EditRequest
 
 
 def hop(question: str, cloze: str, answer: str, aliases: list[str] | None = None) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def test_a_bad_rewrite_rejects_its_whole_case(tmp_path, caplog):
     requests, errors = validate_records(file)
     assert [r.case_id for r in requests] == ["1/0", "1/1", "3/0"]  # nothing of case 9 is kept
     assert [(e.index, e.field) for e in errors] == [(1, "requested_rewrite[1].prompt")]
-    with caplog.at_level(logging.WARNING, logger="datamodules.records"):
+    with caplog.at_level(logging.WARNING, logger="factedit.datamodules.records"):
         assert [r.case_id for r in load_requests(file, skip_invalid=True)] == ["1/0", "1/1", "3/0"]
     assert "record 1" in caplog.text
 
@@ -257,7 +257,7 @@ def test_full_set_is_downloaded_from_the_mquake_repository(tmp_path, monkeypatch
     # the download path, served from a local file (whose content is not the real file's: no blob id)
     origin = write_json(tmp_path / "origin.json", [mquake_record(1)])
     served = dataclasses.replace(entry, url=origin.as_uri(), git_blob=None)
-    with caplog.at_level(logging.WARNING, logger="datamodules.sources"):
+    with caplog.at_level(logging.WARNING, logger="factedit.datamodules.sources"):
         path = ensure_downloaded(served, directory=tmp_path / "cache")
     assert path == tmp_path / "cache" / "MQuAKE-CF-3k.json" and "no checksum is recorded" in caplog.text
     # a cached copy is what the name reads, once it has the repository's blob id
@@ -269,7 +269,7 @@ def test_full_set_is_downloaded_from_the_mquake_repository(tmp_path, monkeypatch
         resolve_source("mquake", download=False)
     from types import MappingProxyType
 
-    import datamodules.sources as sources
+    import factedit.datamodules.sources as sources
 
     monkeypatch.setattr(sources, "SOURCES", MappingProxyType({**sources.SOURCES, "mquake": dataclasses.replace(entry, git_blob=sources.git_blob_of(cached))}))
     assert resolve_source("mquake", download=False) == (cached, "mquake")

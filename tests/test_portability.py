@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import make_request
-from datamodules.records import load_requests
-from editors.base import QA
-from evaluation.report import summary_table
-from evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, portability_key, protocols_of, score_pairs
-from metrics import PROTOCOLS, protocol_of, token_accuracy
+from factedit.datamodules.records import load_requests
+from factedit.editors.base import QA
+from factedit.evaluation.report import summary_table
+from factedit.evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, portability_key, protocols_of, score_pairs
+from factedit.metrics import PROTOCOLS, protocol_of, token_accuracy
 
 
 @pytest.mark.parametrize(

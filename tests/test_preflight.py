@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-import evaluation.runner as runner
-from editors import get_editor
-from editors.stats import layer_statistics
-from editors.targets import get_targets
-from evaluation import models
-from evaluation.cli import main
-from evaluation.runner import read_jsonl
+import factedit.evaluation.runner as runner
+from factedit.editors import get_editor
+from factedit.editors.stats import layer_statistics
+from factedit.editors.targets import get_targets
+from factedit import models
+from factedit.evaluation.cli import main
+from factedit.evaluation.runner import read_jsonl
 
 LONG_PROMPT = "Xq zv " * 80 + "{} is located in"  # ~480 tokens: more than the tiny GPT-2's 128 positions
 
@@ -161,9 +161,9 @@ def test_statistics_samples_longer_than_the_context_are_clamped(tokenizer, isola
 def test_every_probe_is_checked_and_a_group_is_one_record(tokenizer, request_factory):
     from conftest import build_gpt2
 
-    from editors.base import QA
-    from evaluation.preflight import requests_that_fit
-    from evaluation.scoring import EvalConfig
+    from factedit.editors.base import QA
+    from factedit.evaluation.preflight import requests_that_fit
+    from factedit.evaluation.scoring import EvalConfig
 
     model = build_gpt2(len(tokenizer))
     long = "Xq zv " * 80 + "Rome is in"

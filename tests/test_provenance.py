@@ -7,8 +7,8 @@ import hashlib
 import json
 import re
 
-from editors.provenance import PACKAGES, git_state, package_versions, software
-from evaluation.provenance import data_provenance, run_provenance
+from factedit.editors.provenance import PACKAGES, git_state, package_versions, software
+from factedit.evaluation.provenance import data_provenance, run_provenance
 
 
 def test_software_names_every_package_and_a_utc_date():
@@ -30,7 +30,7 @@ def test_git_state_is_none_outside_a_checkout_and_without_git(tmp_path, monkeypa
 
 
 def test_data_provenance_hashes_the_file_and_resolves_named_sources(tmp_path):
-    from datamodules.sources import SOURCES, source_path
+    from factedit.datamodules.sources import SOURCES, source_path
 
     path = tmp_path / "records.json"
     path.write_text('[{"case_id": 1}]')
@@ -45,7 +45,7 @@ def test_data_provenance_hashes_the_file_and_resolves_named_sources(tmp_path):
 
 
 def test_run_provenance_fingerprints_the_model(tiny_model):
-    from editors.stats import model_fingerprint
+    from factedit.models import model_fingerprint
 
     found = run_provenance(tiny_model, "tiny")
     assert found["model"] == "tiny" and found["model_fingerprint"] == model_fingerprint(tiny_model)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from datamodules.records import (
+from factedit.datamodules.records import (
     FORMATS,
     RecordError,
     dataset_to_requests,
@@ -21,8 +21,8 @@ from datamodules.records import (
     requests_to_dataset,
     validate_records,
 )
-from datamodules.sources import SourceError
-from editors.base import QA, EditRequest
+from factedit.datamodules.sources import SourceError
+from factedit.editors.base import QA, EditRequest
 
 # --------------------------------------------------------------------------------------------
 # Hand-written records, one per format
@@ -410,7 +410,7 @@ def test_default_raises_on_the_first_bad_record_and_counts_the_others(tmp_path):
 
 def test_skip_invalid_keeps_the_good_ones_and_warns(tmp_path, caplog):
     path = _mixed_file(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="datamodules.records"):
+    with caplog.at_level(logging.WARNING, logger="factedit.datamodules.records"):
         requests = load_requests(path, skip_invalid=True)
     assert [r.case_id for r in requests] == ["0", "2", "3", "5"]
     skipped = [r for r in caplog.records if "skipping invalid record" in r.getMessage()]

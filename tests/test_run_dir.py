@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.cli import main
+from factedit.evaluation.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def _contents(folder: Path) -> dict[str, bytes]:
 
 # -- the folder itself -----------------------------------------------------------------------------
 def test_reset_deletes_only_what_edit_py_writes(tmp_path):
-    from evaluation.run_dir import FILES, FOLDERS, LOCK, MARKER, RunDir
+    from factedit.evaluation.run_dir import FILES, FOLDERS, LOCK, MARKER, RunDir
 
     run = RunDir(tmp_path / "run")
     with run.claim():
@@ -83,11 +83,11 @@ def test_reset_deletes_only_what_edit_py_writes(tmp_path):
 
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     """A run killed with SIGKILL leaves no lock behind: the kernel drops it with the process."""
-    from evaluation.run_dir import RunDir, RunDirLocked
+    from factedit.evaluation.run_dir import RunDir, RunDirLocked
 
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from evaluation.run_dir import RunDir; held = RunDir(sys.argv[1]).claim(); held.__enter__(); print('held', flush=True); time.sleep(120)", str(out)],
+        [sys.executable, "-c", "import sys, time; from factedit.evaluation.run_dir import RunDir; held = RunDir(sys.argv[1]).claim(); held.__enter__(); print('held', flush=True); time.sleep(120)", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -105,9 +105,9 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 def test_only_the_main_process_of_a_sharded_run_takes_the_lock(tmp_path):
-    from evaluation.cli import claimed
-    from evaluation.distributed import Shard
-    from evaluation.run_dir import RunDir
+    from factedit.evaluation.cli import claimed
+    from factedit.evaluation.distributed import Shard
+    from factedit.evaluation.run_dir import RunDir
 
     run = RunDir(tmp_path / "run")
     with claimed(run, Shard(0, 2)):
@@ -120,13 +120,13 @@ def test_only_the_main_process_of_a_sharded_run_takes_the_lock(tmp_path):
 
 # -- edit.py -----------------------------------------------------------------------------------
 def test_second_run_into_one_folder_is_refused_before_the_model_loads(inputs, tmp_path, monkeypatch):
-    import evaluation.models
-    from evaluation.run_dir import RunDir
+    from factedit import models as evaluation_models
+    from factedit.evaluation.run_dir import RunDir
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded for a run that must be refused")
 
-    monkeypatch.setattr(evaluation.models, "load_model", must_not_load)
+    monkeypatch.setattr(evaluation_models, "load_model", must_not_load)
     out = tmp_path / "run"
     with RunDir(out).claim():
         with pytest.raises(SystemExit, match=r"edit.py: error: .* in use by another edit.py run \(pid \d+ on .+, since "):

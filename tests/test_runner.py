@@ -8,10 +8,10 @@ import statistics
 import pytest
 import torch
 
-from editors import get_editor
-from evaluation.cli import main
-from evaluation.runner import EditRun, read_jsonl
-from evaluation.scoring import EvalConfig
+from factedit.editors import get_editor
+from factedit.evaluation.cli import main
+from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.scoring import EvalConfig
 
 FT = dict(layers=[1], lr=1e-2, steps=5)
 EVAL = EvalConfig(batch_size=8, generation_length=4, generation_prompts=1)
@@ -192,7 +192,7 @@ def test_sequential_resume_prepares_on_the_unedited_model(tokenizer, request_fac
         return EditRun(model, tokenizer, editor, config, requests, tmp_path / "seq", mode="sequential", eval_config=EvalConfig(fluency=False), progress=False).run()
 
     model = build_llama(len(tokenizer))
-    fingerprint = __import__("editors.stats", fromlist=["model_fingerprint"]).model_fingerprint(model)
+    fingerprint = __import__("factedit.models", fromlist=["model_fingerprint"]).model_fingerprint(model)
     with pytest.raises(KeyboardInterrupt):
         run(model, _Interrupting(get_editor("rome")(), fail_on=3))
     resumed = get_editor("rome")()
@@ -212,13 +212,13 @@ def _weights_probe(model, tokenizer, config):
 
 def as_suite(scores):
     """``run_general`` from a function giving the scores alone (no item scores)."""
-    from evaluation.general import GeneralRun
+    from factedit.evaluation.general import GeneralRun
 
     return lambda model, tokenizer, config: GeneralRun(scores=scores(model, tokenizer, config), items={}, costs={}, seconds=0.0)
 
 
 def test_edit_units_keep_groups_whole(request_factory):
-    from evaluation.runner import edit_units
+    from factedit.evaluation.runner import edit_units
 
     def req(i, group=None):
         r = request_factory(str(i))
@@ -235,7 +235,7 @@ def test_edit_units_keep_groups_whole(request_factory):
 
 
 def test_checkpoint_schedule():
-    from evaluation.runner import checkpoint_schedule
+    from factedit.evaluation.runner import checkpoint_schedule
 
     assert checkpoint_schedule(200) == [1, 5, 10, 20, 50, 100, 200]
     assert checkpoint_schedule(7, [10, 2, 5]) == [2, 5, 7]
@@ -244,7 +244,7 @@ def test_checkpoint_schedule():
 
 
 def _general(tasks=("piqa",)):
-    from evaluation.general import GeneralConfig
+    from factedit.evaluation.general import GeneralConfig
 
     return GeneralConfig(tasks=list(tasks))
 
@@ -257,9 +257,8 @@ def _seq(model, tokenizer, requests, out, editor=None, **kwargs):
 def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
     from conftest import build_llama
 
-    import evaluation.general
-
-    monkeypatch.setattr(evaluation.general, "run_general", as_suite(_weights_probe))
+    from factedit.evaluation import general as evaluation_general
+    monkeypatch.setattr(evaluation_general, "run_general", as_suite(_weights_probe))
     model = build_llama(len(tokenizer))
     unedited = _weights_probe(model, tokenizer, _general())["probe"]["acc"]
     summary = _seq(model, tokenizer, _requests(request_factory), tmp_path, checkpoints=[1, 2], general=_general())
@@ -290,15 +289,14 @@ def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_f
 def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
     from conftest import build_llama
 
-    import evaluation.general
-
+    from factedit.evaluation import general as evaluation_general
     calls = []
 
     def probe(model, tokenizer, config):
         calls.append(1)
         return _weights_probe(model, tokenizer, config)
 
-    monkeypatch.setattr(evaluation.general, "run_general", as_suite(probe))
+    monkeypatch.setattr(evaluation_general, "run_general", as_suite(probe))
     requests = _requests(request_factory)
     _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", checkpoints=[1, 2], general=_general())
     fresh = read_jsonl(tmp_path / "fresh" / "checkpoints.jsonl")
@@ -319,9 +317,8 @@ def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_fact
 def test_batch_mode_scores_general_after_first_call_and_single_refuses(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
     from conftest import build_llama
 
-    import evaluation.general
-
-    monkeypatch.setattr(evaluation.general, "run_general", as_suite(_weights_probe))
+    from factedit.evaluation import general as evaluation_general
+    monkeypatch.setattr(evaluation_general, "run_general", as_suite(_weights_probe))
     model = build_llama(len(tokenizer))
     editor = get_editor("ft_m")()
     run = EditRun(model, tokenizer, editor, editor.config_class(**FT), _requests(request_factory), tmp_path, "batch", 2, EvalConfig(batch_size=8, fluency=False), progress=False, general=_general())
@@ -414,8 +411,8 @@ def test_summary_records_provenance(model_dir, counterfact_file, tmp_path):
     import datetime
     import hashlib
 
-    from editors.stats import model_fingerprint
-    from evaluation.models import load_model
+    from factedit.models import model_fingerprint
+    from factedit.models import load_model
 
     summary = _cli(model_dir, counterfact_file, tmp_path / "run")
     provenance = json.loads((tmp_path / "run" / "summary.json").read_text())["provenance"]
@@ -433,7 +430,7 @@ def test_summary_records_provenance(model_dir, counterfact_file, tmp_path):
 def test_cases_keep_decoded_predictions_and_saved_edits_their_provenance(tokenizer, request_factory, tmp_path):
     from conftest import build_llama
 
-    from evaluation.scoring import TOKEN_GROUPS
+    from factedit.evaluation.scoring import TOKEN_GROUPS
 
     requests = _requests(request_factory, 2)
     editor = get_editor("ft_m")()
@@ -457,7 +454,7 @@ def test_tensorboard_shows_each_case_as_it_finishes(tokenizer, request_factory, 
     from conftest import build_llama
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    from evaluation.board import RunBoard
+    from factedit.evaluation.board import RunBoard
 
     seen = []
     add = RunBoard.add
@@ -477,8 +474,7 @@ def test_tensorboard_shows_each_case_as_it_finishes(tokenizer, request_factory, 
 
 
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(model_dir, counterfact_file, tmp_path, capsys, monkeypatch):
-    import evaluation.runner
-
+    from factedit.evaluation import runner as evaluation_runner
     editor_class = get_editor("ft_m")
     apply = editor_class.apply
     calls = []
@@ -500,7 +496,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(model_dir, coun
     assert _steps(out / "tensorboard", "summary/reliability") == [1]  # the finished case is on TensorBoard already
 
     monkeypatch.setattr(editor_class, "apply", apply)
-    monkeypatch.setattr(evaluation.runner, "tqdm", _Bar)
+    monkeypatch.setattr(evaluation_runner, "tqdm", _Bar)
     _Bar.made.clear()
     summary = _cli(model_dir, counterfact_file, out, "--progress", "true")
     assert summary["cases"] == 2 and summary["failed_cases"] == 0
@@ -516,14 +512,14 @@ def test_checkpoints_keep_item_scores_for_the_budget(tokenizer, request_factory,
     back from the shared cache with its scores, so a second run's budget is tested the same way."""
     from conftest import build_llama
 
-    import evaluation.general
-    from evaluation.general import GeneralRun
+    from factedit.evaluation import general as evaluation_general
+    from factedit.evaluation.general import GeneralRun
 
     def suite(model, tokenizer, config):
         acc = _weights_probe(model, tokenizer, config)["probe"]["acc"]
         return GeneralRun(scores={"probe": {"acc": acc}}, items={}, costs={}, seconds=0.0, item_scores={"probe": [1.0] * 5}, chance={"probe": 0.25})
 
-    monkeypatch.setattr(evaluation.general, "run_general", suite)
+    monkeypatch.setattr(evaluation_general, "run_general", suite)
     requests = _requests(request_factory)
     for out in ("first", "second"):
         summary = _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / out, checkpoints=[1], general=_general())
@@ -597,7 +593,7 @@ def test_reference_join_always_adds_a_space(tokenizer, request_factory, tmp_path
     for a target that starts with a space; the rule holds during the run only."""
     from conftest import build_llama
 
-    from editors.lm import encode_pair, join_text
+    from factedit.editors.lm import encode_pair, join_text
 
     request = request_factory("0", target_new=" Paris")
     assert join_text("The capital is", " Paris") == ("The capital is", " Paris")

@@ -11,9 +11,9 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evaluation.compare.budget import headline
-from evaluation.general import GeneralConfig, MissingDataError, _prepare_local, run_general, uses_chat_template
-from evaluation.safety import REFUSAL_PHRASES, load_judge, refuses
+from factedit.evaluation.compare.budget import headline
+from factedit.evaluation.general import GeneralConfig, MissingDataError, _prepare_local, run_general, uses_chat_template
+from factedit.evaluation.safety import REFUSAL_PHRASES, load_judge, refuses
 from test_general import write_safety_fixture
 
 

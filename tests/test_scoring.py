@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from editors.lm import collate_pairs, encode_pair, target_nll
-from evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, score_pairs
+from factedit.editors.lm import collate_pairs, encode_pair, target_nll
+from factedit.evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, score_pairs
 
 
 def _record(pre: dict, post: dict, seconds: float = 1.0, memory: float = 10.0) -> dict:

@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch import Trainer
 
 from conftest import build_gpt2, build_llama, make_request
-from datamodules.edit_datamodule import EditDataModule
-from editors import Edit, EditError, get_editor
-from editors.base import QA
-from editors.learned import CheckpointError, answer_accuracy, answer_logits, label_positions, save_network
-from editors.lm import collate_pairs, encode_pair, hidden_states, logits_at
-from editors.serac import SERAC, SERACConfig, SERACEdit, EditMemory, base_pass, route
-from lit_modules.serac import SERACModule
+from factedit.datamodules.edit_datamodule import EditDataModule
+from factedit.editors import Edit, EditError, get_editor
+from factedit.editors.base import QA
+from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, label_positions, save_network
+from factedit.editors.lm import collate_pairs, encode_pair, hidden_states, logits_at
+from factedit.editors.serac import SERAC, SERACConfig, SERACEdit, EditMemory, base_pass, route
+from factedit.lit_modules.serac import SERACModule
 
 TINY = dict(classifier_layer=1, embedding_dim=16, cf_layers=2)
 BUILD = {"gpt2": build_gpt2, "llama": build_llama}

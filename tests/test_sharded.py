@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation.runner import read_jsonl
+from factedit.evaluation.runner import read_jsonl
 
 REQUESTS = [
     ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English"),
@@ -25,9 +25,9 @@ REQUESTS = [
 def _run(out: str, mode: str, per_call: int) -> dict:
     from conftest import build_llama, build_tokenizer, make_request
 
-    from editors import get_editor
-    from evaluation.runner import EditRun
-    from evaluation.scoring import EvalConfig
+    from factedit.editors import get_editor
+    from factedit.evaluation.runner import EditRun
+    from factedit.evaluation.scoring import EvalConfig
 
     tokenizer = build_tokenizer()
     model = build_llama(len(tokenizer))
@@ -88,12 +88,12 @@ def test_two_processes_equal_one(mode, per_call, tmp_path):
 def test_sequential_mode_refuses_to_shard(tmp_path, monkeypatch):
     from conftest import build_llama, build_tokenizer, make_request
 
-    import evaluation.runner
-    from editors import get_editor
-    from evaluation.distributed import Shard
+    from factedit.evaluation import runner as evaluation_runner
+    from factedit.editors import get_editor
+    from factedit.evaluation.distributed import Shard
 
-    monkeypatch.setattr(evaluation.runner, "current_shard", lambda: Shard(0, 2))
+    monkeypatch.setattr(evaluation_runner, "current_shard", lambda: Shard(0, 2))
     tokenizer = build_tokenizer()
     editor = get_editor("ft_m")()
     with pytest.raises(ValueError, match="sharded runs"):
-        evaluation.runner.EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(), [make_request()], tmp_path, "sequential")
+        evaluation_runner.EditRun(build_llama(len(tokenizer)), tokenizer, editor, editor.config_class(), [make_request()], tmp_path, "sequential")

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from editors.base import Edit, ParamDelta
-from editors.hooks import trace
-from editors import corpus, stats
-from editors.stats import cached_second_moment, layer_statistics, load_rome_npz, model_fingerprint, second_moment, second_moments
-from editors.targets import get_module, get_targets
+from factedit.editors.base import Edit, ParamDelta
+from factedit.editors.hooks import trace
+from factedit.editors import corpus, stats
+from factedit.editors.stats import cached_second_moment, layer_statistics, load_rome_npz, second_moment, second_moments
+from factedit.models import model_fingerprint
+from factedit.editors.targets import get_module, get_targets
 
 TEXTS = ["The capital of France is Paris.", "Angola is located in Africa.", "", "Toko Yasuda plays the guitar. It is loud."]
 

@@ -1,11 +1,11 @@
-"""The CPU thread policy of edit.py and train.py (evaluation.threads)."""
+"""The CPU thread policy of edit.py and train.py (factedit.threads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evaluation.threads import choose_threads, set_threads
+from factedit.threads import choose_threads, set_threads
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import Edit, get_editor
-from editors.ffn_patch import GENERIC_TEXTS, fact_prompts, memory_texts, patch_hooks
-from editors.lm import collate_pairs, encode_pair, logits_at
-from editors.targets import get_module
-from editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries
+from factedit.editors import Edit, get_editor
+from factedit.editors.ffn_patch import GENERIC_TEXTS, fact_prompts, memory_texts, patch_hooks
+from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.targets import get_module
+from factedit.editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:

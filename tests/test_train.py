@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-import train
-from editors.learned import CheckpointError, read_checkpoint
+from factedit.lit_modules import cli as train
+from factedit.editors.learned import CheckpointError, read_checkpoint
 
 
 @pytest.fixture
@@ -23,10 +23,10 @@ def tiny_run(tmp_path, tokenizer):
     config = {
         "seed_everything": 0,
         "model": {
-            "class_path": "lit_modules.ke.KEModule",
+            "class_path": "factedit.lit_modules.ke.KEModule",
             "init_args": {"model": str(model_dir), "editor": {"layers": [-1], "lstm_hidden": 8, "condition_dim": 8, "head_hidden": 8}},
         },
-        "data": {"class_path": "datamodules.CounterFactDataModule", "init_args": {"data": "counterfact-demo", "tokenizer": str(model_dir), "batch_size": 2, "val_fraction": 0.0}},
+        "data": {"class_path": "factedit.datamodules.CounterFactDataModule", "init_args": {"data": "counterfact-demo", "tokenizer": str(model_dir), "batch_size": 2, "val_fraction": 0.0}},
         "trainer": {"accelerator": "cpu", "max_steps": 1, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False, "enable_model_summary": False},
     }
     path = tmp_path / "run.yaml"
@@ -94,9 +94,9 @@ def test_model_help_by_class_name_lists_its_arguments(monkeypatch, capsys):
 
 def test_model_and_data_by_class_name(tiny_run, tmp_path, monkeypatch):
     """Class names resolve like full class paths, in a YAML file and on the command line."""
-    from datamodules.edit_datamodule import CounterFactDataModule, ZsREDataModule
-    from lit_modules.cli import EditorCLI
-    from lit_modules.ke import KEModule
+    from factedit.datamodules.edit_datamodule import CounterFactDataModule, ZsREDataModule
+    from factedit.lit_modules.cli import EditorCLI
+    from factedit.lit_modules.ke import KEModule
 
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(tiny_run.read_text())

@@ -22,9 +22,9 @@ which keeps their tokenisation alike.
 
 **The pool** is built from the other requests of the same call, a small built-in set of generic
 counterfactual facts (:data:`BUILTIN_POOL`, on by default) and, optionally, a CounterFact-format
-file ``pool_path`` read once by :meth:`IKE.prepare` through :func:`datamodules.records.load_requests`
-(the one place where this editor touches a file; the path is a setting the user chooses, like a
-trained editor's checkpoint). Pool embeddings are computed once per model in ``prepare``.
+file ``pool_path``, whose records the application hands in through :meth:`IKE.read_data` (the editor
+reads no file itself; ``edit.py`` does it with its record reader). Pool embeddings are computed once
+per model in ``prepare``.
 
 **How the model sees the context.** Applying an edit installs a forward pre-hook and a forward
 hook on ``model.base_model`` (:class:`ContextPrefix`): the context's token ids are put in front of
@@ -362,6 +362,12 @@ class IKE(Editor):
 
     def __init__(self) -> None:
         self._pool: tuple[Any, list[str], torch.Tensor] | None = None  # (key, sentences, embeddings)
+        self._pool_file: tuple[tuple[str, int], list[EditRequest]] | None = None  # ((pool_path, pool_limit), its records)
+
+    def read_data(self, config: IKEConfig, read_requests) -> None:
+        """Keep the records of ``pool_path`` (at most ``pool_limit``) for the pool."""
+        if config.pool_path:
+            self._pool_file = ((config.pool_path, config.pool_limit), list(read_requests(config.pool_path, config.pool_limit or None)))
 
     def _pool_key(self, model: nn.Module, config: IKEConfig) -> tuple:
         return (id(model), config.builtin_pool, config.pool_path, config.pool_limit)
@@ -373,9 +379,12 @@ class IKE(Editor):
             return
         facts = builtin_requests() if config.builtin_pool else []
         if config.pool_path:
-            from datamodules.records import load_requests  # the pool file is a setting, read once here
-
-            facts += load_requests(config.pool_path, limit=config.pool_limit or None, skip_invalid=True)
+            if self._pool_file is None or self._pool_file[0] != (config.pool_path, config.pool_limit):
+                raise EditError(
+                    f"IKE: pool_path {config.pool_path!r} has not been read; call editor.read_data(config, read_requests) "
+                    "first (for example with factedit.datamodules.load_requests), as edit.py does"
+                )
+            facts += self._pool_file[1]
         sentences = [d for f in facts for d in demonstrations(f)]
         self._pool = (key, sentences, embed_sentences(model, tokenizer, sentences, config.embed_batch_size))
         logger.info("IKE: %d demonstrations in the pool from %d facts", len(sentences), len(facts))

@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from editors.learned import GradientPieces
+from factedit.editors.learned import GradientPieces
 
 
 class RunningStandardizer(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from editors.config import LearnedConfig
+from factedit.editors.config import LearnedConfig
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editors.base import Edit, EditError, Editor, EditRequest, register_editor
-from editors.learned import LearnedEditorMixin, edited_modules, model_signature
-from editors.lm import encode_pair
-from editors.targets import get_targets, num_layers
+from factedit.editors.base import Edit, EditError, Editor, EditRequest, register_editor
+from factedit.editors.learned import LearnedEditorMixin, edited_modules, model_signature
+from factedit.editors.lm import encode_pair
+from factedit.editors.targets import get_targets, num_layers
 
 from .config import SERACConfig
 from .memory import EditMemory

@@ -30,10 +30,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from editors.base import EditError
-from editors.hooks import trace
-from editors.lm import cache_in, hidden_states, model_device
-from editors.targets import get_module
+from factedit.editors.base import EditError
+from factedit.editors.hooks import trace
+from factedit.editors.lm import cache_in, hidden_states, model_device
+from factedit.editors.targets import get_module
 
 from .network import SERACNetwork
 

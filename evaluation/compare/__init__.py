@@ -1,7 +1,7 @@
 """Compare runs of ``edit.py``: one table of scores with confidence intervals, figures for a paper,
 and for sequential runs the curves against the number of edits and the edit budget.
 
-``python edit.py compare RUN_DIR... --out DIR`` (or ``python -m evaluation.compare``) takes run
+``python edit.py compare RUN_DIR... --out DIR`` (or ``python -m factedit.evaluation.compare``) takes run
 folders of any mode, single, batch and sequential, mixed, and writes into ``DIR``:
 
 =====================  =================================================================
@@ -261,7 +261,7 @@ example:
 """
 
 
-def build_parser(prog: str = "python -m evaluation.compare") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m factedit.evaluation.compare") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
@@ -314,8 +314,8 @@ def _parse_headlines(items: Sequence[str], parser: argparse.ArgumentParser) -> d
     return overrides
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m evaluation.compare") -> int:
-    """``python -m evaluation.compare RUN_DIR... --out DIR`` (also ``edit.py compare ...``);
+def main(argv: Sequence[str] | None = None, prog: str = "python -m factedit.evaluation.compare") -> int:
+    """``python -m factedit.evaluation.compare RUN_DIR... --out DIR`` (also ``edit.py compare ...``);
     prints ``compare.md``."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)

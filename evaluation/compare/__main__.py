@@ -1,4 +1,4 @@
-"""``python -m evaluation.compare RUN_DIR... --out DIR``."""
+"""``python -m factedit.evaluation.compare RUN_DIR... --out DIR``."""
 
 from . import main
 

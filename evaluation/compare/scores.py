@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from metrics import harmonic_mean, protocol_of
+from factedit.metrics import harmonic_mean, protocol_of
 
 from ..report import label_of
 from ..scoring import PROBABILITY_GROUPS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -210,3 +211,25 @@ def load_model(
     model.requires_grad_(False)
     tokenizer = _tokenizer_from(source, trust_remote_code)
     return model, tokenizer
+
+
+def model_fingerprint(model: torch.nn.Module, values_per_tensor: int = 4096) -> str:
+    """A hash of the model's configuration and a strided sample of every parameter's values.
+
+    A sample, not every byte, keeps this cheap for large models; an edit of a weight matrix
+    (dense or low-rank) changes values throughout it and so changes the fingerprint.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        # Where the model was loaded from and by which library version do not change its
+        # outputs: the same weights loaded from another path share their cached statistics.
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // values_per_tensor)
+        sample = flat[::stride].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:20]
