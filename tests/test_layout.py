@@ -4,6 +4,7 @@ import cycles, and a library that works from a research folder with packages of 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -153,7 +154,13 @@ def test_a_built_wheel_installs_one_name(tmp_path):
     """The wheel's top-level entries: the package and its metadata, nothing else (no ``edit``,
     ``train`` or the folders' own names), and the demo data inside the package."""
     pytest.importorskip("setuptools", reason="building a wheel without network needs setuptools installed")
-    command = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("factedit", *SUBPACKAGES):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("factedit-*.whl")
