@@ -1,6 +1,6 @@
 """Edit data: named sources, the JSON record formats, and LightningDataModules for training editors.
 
-Raw JSON rows become :class:`~editors.base.EditRequest` objects only in :mod:`datamodules.records`;
+Raw JSON rows become :class:`~editors.base.EditRequest` objects only in :mod:`factedit.datamodules.records`;
 everything downstream (editors, metrics, training) sees requests, never raw records.
 The datamodules are imported on first access, so that reading requests does not pull in Lightning.
 """

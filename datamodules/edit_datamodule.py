@@ -220,7 +220,7 @@ class EditDataModule(LightningDataModule):
     Args:
         data: a JSON/JSONL file of edit records or a known source name (``counterfact-demo``,
             ``zsre-demo``, ``counterfact``, ``zsre``).
-        format: the records' format (see :data:`datamodules.records.FORMATS`); ``None`` detects it.
+        format: the records' format (see :data:`factedit.datamodules.records.FORMATS`); ``None`` detects it.
         tokenizer: a tokenizer, or a model name/path whose tokenizer is loaded when first needed.
         batch_size: requests per batch.
         val_fraction: share of the requests held out for validation (seeded split).

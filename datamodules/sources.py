@@ -7,7 +7,7 @@ cache directory (``$FACTEDIT_CACHE/data``, by default ``~/.cache/factedit/data``
 SHA-256, or by the Git blob id of a file served from a Git repository, where one is known.
 
 Nothing here touches the network or the disk at import time; :func:`resolve_source` is the one
-entry point, called by :func:`datamodules.records.load_requests` and by the datamodules'
+entry point, called by :func:`factedit.datamodules.records.load_requests` and by the datamodules'
 ``prepare_data``.
 """
 

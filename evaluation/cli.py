@@ -300,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from factedit.evaluation.report import summary_table
 
     from .distributed import init_from_environment
-    from .runner import EditorSetupError, EditRun
+    from .cases import EditorSetupError
+    from .runner import EditRun
     from factedit.threads import set_threads
 
     try:

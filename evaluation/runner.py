@@ -23,7 +23,8 @@ Every finished case is appended to ``cases.jsonl`` at once (flushed and synced),
 raw measurements before and after editing; ``summary.json`` is recomputed from that file, so a
 run that is stopped and started again with the same command continues where it stopped and ends
 with the same summary. The folder's layout and its file handling belong to
-:class:`evaluation.run_dir.RunDir`; this module only runs the loop.
+:class:`~factedit.evaluation.run_dir.RunDir`, a case's lines to :mod:`.cases`, checkpoints to
+:mod:`.checkpoints` and the summary to :mod:`.summary`; this module only runs the loop.
 
 A case that raises while it is measured before editing (``pre``), edited (``edit``) or measured
 after (``post``) does not stop the run: its line in ``cases.jsonl`` holds ``failed`` (the stage,
@@ -43,15 +44,12 @@ every edit the run saves.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from factedit.editors.base import Edit, Editor, EditorConfig, EditRequest
@@ -59,141 +57,32 @@ from factedit.editors.lm import join_rule, model_device
 from factedit.editors.provenance import utc_now
 
 from .board import RunBoard
-from .compare.scores import case_values, standard_error
-from .config import DEFAULT_CHECKPOINTS, MODES, SEQUENTIAL_SCORING
+from .cases import (
+    FATAL_ERRORS,
+    CaseWriter,
+    EditorSetupError,
+    ModelLeftChangedError,
+    case_record,
+    checkpoint_schedule,
+    edit_units,
+    error_record,
+    fail_groups,
+    model_state,
+)
+from .checkpoints import checkpoint_line
+from .config import MODES, SEQUENTIAL_SCORING
 from .distributed import current_shard
 from .efficiency import measure
 from .provenance import run_provenance
 from .run_dir import JsonlWriter, RunDir, read_jsonl
-from .scoring import EvalConfig, RunMetrics, case_scores, measure_case, protocols_of
+from .scoring import EvalConfig, measure_case
+from .summary import write_summary
 
 if TYPE_CHECKING:
     from .general import GeneralConfig
 
 logger = logging.getLogger(__name__)
 
-class ModelLeftChangedError(RuntimeError):
-    """An editor failed and left the model other than it found it (weights or hooks): no later
-    case could be trusted, so the run stops (what it recorded is kept)."""
-
-
-FATAL_ERRORS: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError, ModelLeftChangedError)
-"""Errors that stop the run rather than fail one case: they say the machine (or a model an editor
-left damaged), not the case, is at fault; a rerun with more memory (or a smaller batch) would
-succeed."""
-
-
-def model_state(model: torch.nn.Module) -> tuple[str, int]:
-    """What a failed edit must leave as it was: the weights' fingerprint (a strided sample of
-    every parameter, about 25 ms for a 135M-parameter model) and the number of forward hooks."""
-    from factedit.models import model_fingerprint
-
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return model_fingerprint(model), hooks
-
-
-class EditorSetupError(RuntimeError):
-    """The editor's settings do not fit the model (an architecture missing from the targets
-    table, a layer out of range): found by :meth:`Editor.prepare` before any case is scored."""
-
-
-def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequest]]:
-    """Requests packed into editor calls of at most ``size``; a group (consecutive requests with
-    the same ``group``) is never split, and a group larger than ``size`` is a call of its own."""
-    blocks: list[list[EditRequest]] = []
-    for request in requests:
-        group = getattr(request, "group", None)
-        if blocks and group is not None and getattr(blocks[-1][0], "group", None) == group:
-            blocks[-1].append(request)
-        else:
-            blocks.append([request])
-    units: list[list[EditRequest]] = []
-    for block in blocks:
-        if units and len(units[-1]) + len(block) <= size:
-            units[-1].extend(block)
-        else:
-            units.append(list(block))
-    return units
-
-
-def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:
-    """The numbers of edits at which a sequential run is scored: those requested (default
-    :data:`DEFAULT_CHECKPOINTS`) up to ``total``, and ``total`` itself."""
-    wanted = DEFAULT_CHECKPOINTS if requested is None else requested
-    if any(c < 1 for c in wanted):
-        raise ValueError(f"checkpoints are numbers of edits >= 1, got {list(wanted)}")
-    return sorted({c for c in wanted if c <= total} | ({total} if total else set()))
-
-
-def _record(request: EditRequest, pre: dict, post: dict, **extra: Any) -> dict[str, Any]:
-    return {
-        "case_id": request.case_id,
-        "prompt": request.prompt,
-        "target_new": request.target_new,
-        "target_true": request.target_true,
-        **extra,
-        "pre": {"scores": case_scores(pre), "raw": pre},
-        "post": {"scores": case_scores(post, reference=pre), "raw": post},
-    }
-
-
-def _failure(request: EditRequest, stage: str, error_type: str, message: str) -> dict[str, Any]:
-    """The line of a case that failed at ``stage``: enough to find the case and the cause, and
-    no measurements, so that every summary of the run skips it."""
-    logger.warning("case %s failed at %s: %s: %s", request.case_id, stage, error_type, message)
-    return {
-        "case_id": request.case_id,
-        "prompt": request.prompt,
-        "target_new": request.target_new,
-        "target_true": request.target_true,
-        "failed": {"stage": stage, "error": error_type, "message": message},
-    }
-
-
-def _error_failure(request: EditRequest, stage: str, error: Exception) -> dict[str, Any]:
-    return _failure(request, stage, type(error).__name__, str(error))
-
-
-def is_failed(record: dict[str, Any]) -> bool:
-    """Whether a line of ``cases.jsonl`` is a failed case (no measurements)."""
-    return "failed" in record
-
-
-def _fail_groups(requests: list[EditRequest], failed: dict[str, dict[str, Any]]) -> list[EditRequest]:
-    """The requests still to edit once those in ``failed`` (case id -> line) are left out.
-
-    The rewrites of a group are one multi-hop case, edited whole or not at all: a group with a
-    failed rewrite fails as a whole, and its other rewrites get lines in ``failed`` naming it.
-    """
-    broken = {r.group: r.case_id for r in requests if r.case_id in failed and r.group is not None}
-    ready = []
-    for request in requests:
-        if request.case_id in failed:
-            continue
-        if request.group in broken:
-            cause = failed[broken[request.group]]["failed"]
-            failed[request.case_id] = _failure(
-                request, cause["stage"], cause["error"], f"case {broken[request.group]} of its group {request.group!r} failed: {cause['message']}"
-            )
-        else:
-            ready.append(request)
-    return ready
-
-
-class _Cases:
-    """Where the loop writes finished cases: ``cases.jsonl`` (or a shard's file), and the live
-    TensorBoard view when there is one."""
-
-    def __init__(self, writer: JsonlWriter, board: RunBoard | None) -> None:
-        self.writer, self.board = writer, board
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.writer.write(record)
-        if self.board is not None:
-            self.board.add(record)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class EditRun:
@@ -285,7 +174,7 @@ class EditRun:
             wanted = {r.case_id for r in self.requests}
             self._board = RunBoard(self.dir.tensorboard, [r for r in finished if r["case_id"] in wanted])
         try:
-            writer = _Cases(JsonlWriter(self._shard_path() if self.shard.active else self.cases_path), self._board)
+            writer = CaseWriter(JsonlWriter(self._shard_path() if self.shard.active else self.cases_path), self._board)
             try:
                 if todo:
                     # One-time work on the unedited model (key statistics, sampled prefixes), before
@@ -304,7 +193,7 @@ class EditRun:
             if self.shard.is_main:
                 self._merge_shards()
             self.shard.barrier()
-            return self.write_summary(time.perf_counter() - started)
+            return write_summary(self, time.perf_counter() - started)
         finally:
             if self._board is not None:
                 self._board.close()
@@ -372,10 +261,10 @@ class EditRun:
         if self.provenance is not None:
             edit.provenance = {**self.provenance, "date": utc_now()}
 
-    def _run_single(self, todo: list[EditRequest], writer: _Cases) -> None:
+    def _run_single(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         self._run_batch(todo, writer)
 
-    def _run_batch(self, todo: list[EditRequest], writer: _Cases) -> None:
+    def _run_batch(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
         if self.general is not None and 0 not in recorded:
             self._write_checkpoint(0, [], {})
@@ -395,7 +284,7 @@ class EditRun:
                         pre[request.case_id] = raw
                     else:
                         lines[request.case_id] = failure
-                ready = _fail_groups(batch, lines)
+                ready = fail_groups(batch, lines)
                 if ready:
                     self._edit_and_score(ready, pre, lines, recorded)
                 for request in batch:
@@ -413,7 +302,7 @@ class EditRun:
         except FATAL_ERRORS:
             raise
         except Exception as error:
-            return None, _error_failure(request, stage, error)
+            return None, error_record(request, stage, error)
 
     def _edit_and_score(self, ready: list[EditRequest], pre: dict[str, Any], lines: dict[str, dict[str, Any]], recorded: set[int]) -> None:
         """Edit ``ready`` in one unit, score each request after editing, and revert, whatever
@@ -424,7 +313,7 @@ class EditRun:
             raise
         except Exception as error:  # _edit has reverted whatever it applied
             for request in ready:
-                lines[request.case_id] = _error_failure(request, "edit", error)
+                lines[request.case_id] = error_record(request, "edit", error)
             return
         try:
             scored = []
@@ -433,7 +322,7 @@ class EditRun:
                 if failure is not None:
                     lines[request.case_id] = failure
                     continue
-                lines[request.case_id] = _record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
+                lines[request.case_id] = case_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
                 scored.append(lines[request.case_id])
             # The general suite runs once, on the model carrying the first call's edits.
             if self.general is not None and len(recorded) == 1:
@@ -443,7 +332,7 @@ class EditRun:
             for edit in reversed(edits):
                 edit.revert(self.model)
 
-    def _run_sequential(self, todo: list[EditRequest], writer: _Cases) -> None:
+    def _run_sequential(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         scored_before = len(self.requests) - len(todo)  # by an invocation stopped while scoring (step 3)
         # 1. Unedited measurements of every case (needed as the locality reference).
         pre_path = self.dir.pre
@@ -467,7 +356,7 @@ class EditRun:
                     bar.update()
         finally:
             pre_writer.close()
-        todo = _fail_groups(todo, failed)
+        todo = fail_groups(todo, failed)
         for line in failed.values():
             writer.write(line)
         self._pre = pre
@@ -508,7 +397,7 @@ class EditRun:
                         raise
                     except Exception as error:  # _edit has reverted this unit; earlier edits stay
                         for r in unit:
-                            failed[r.case_id] = _error_failure(r, "edit", error)
+                            failed[r.case_id] = error_record(r, "edit", error)
                             writer.write(failed[r.case_id])
                         bar.update(len(unit))
                         continue
@@ -552,7 +441,7 @@ class EditRun:
         self._retention_checkpoint(edited, recorded, costs)
 
     def _score_post(
-        self, requests: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: _Cases, bar: Any = None
+        self, requests: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: CaseWriter, bar: Any = None
     ) -> None:
         """Score ``requests`` on the model as it is now (carrying ``edits_applied`` edits) and write
         their records: all cases at the end of a run (``sequential_scoring="final"``), or the
@@ -563,7 +452,7 @@ class EditRun:
                 writer.write(failure)
             else:
                 seconds, memory = costs.get(request.case_id, (None, None))
-                writer.write(_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
+                writer.write(case_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
             if bar is not None:
                 bar.update()
 
@@ -581,160 +470,16 @@ class EditRun:
                 except Exception as error:  # the final scoring records the case's failure
                     logger.warning("retention at %d edits leaves out case %s: %s: %s", now, request.case_id, type(error).__name__, error)
                 else:
-                    records.append(_record(request, self._pre[request.case_id], post))
+                    records.append(case_record(request, self._pre[request.case_id], post))
                 bar.update()
         self._write_checkpoint(now, records, {"edit_seconds": sum(costs[r.case_id][0] for r in edited if r.case_id in costs)})
         recorded.add(now)
 
-    def _unedited_general_path(self) -> Path:
-        """Where the unedited model's general-ability scores are kept: every run on the same
-        weights, tokenizer and suite settings shares them (they cost minutes on a CPU)."""
-        import dataclasses
-        import hashlib
-        from importlib.metadata import PackageNotFoundError, version
-
-        from factedit.models import model_fingerprint
-
-        from factedit.models import cache_dir
-
-        try:
-            engine = version("lm_eval")
-        except PackageNotFoundError:
-            engine = "none"
-        key = json.dumps(
-            {
-                "model": model_fingerprint(self.model),
-                "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
-                "suite": dataclasses.asdict(self.general),
-                "lm_eval": engine,
-                "stored": 2,  # what the file holds: 2 = scores, item scores and chance levels
-            },
-            sort_keys=True,
-            default=str,
-        )
-        return cache_dir() / "general-unedited" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-
     def _write_checkpoint(self, edits: int, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-        """Retention scores of ``records`` and the general-ability suite, on the model as it is now."""
-        started = time.perf_counter()
-        metrics = RunMetrics()
-        for record in records:
-            metrics.update(record)
-        retention = {k: v for k, v in metrics.summary().items() if not k.startswith("pre_") and "seconds" not in k and "memory" not in k}
-        values = case_values(records)  # per-case scores, for the standard error of each retention score
-        errors = {k: standard_error(values[k]) for k in retention if k in values}
-        general: dict[str, Any] = {}
-        paired: dict[str, Any] = {}  # item-level scores and chance levels, for the budget's paired tests
-        general_seconds = 0.0
-        cached = False
-        if self.general is not None:
-            from .general import run_general
-
-            tick = time.perf_counter()
-            stored = self._unedited_general_path() if edits == 0 else None
-            if stored is not None and stored.is_file():
-                saved, cached = json.loads(stored.read_text()), True
-            else:
-                run = run_general(self.model, self.tokenizer, self.general)
-                saved = {"scores": run.scores, "item_scores": run.item_scores, "chance": run.chance}
-                if stored is not None:
-                    stored.parent.mkdir(parents=True, exist_ok=True)
-                    staging = stored.with_suffix(f".{os.getpid()}.tmp")
-                    staging.write_text(json.dumps(saved))
-                    os.replace(staging, stored)
-            general = saved["scores"]
-            paired = {key: saved[key] for key in ("item_scores", "chance") if saved[key]}
-            general_seconds = time.perf_counter() - tick
-            logger.info("general abilities at %d edits%s: %s", edits, " (unedited model, cached)" if cached else "", json.dumps(general))
-        line = {
-            "edits": edits,
-            **extra,
-            "retention": retention,
-            "retention_stderr": {k: v for k, v in errors.items() if v is not None},
-            "retention_n": {k: len(values[k]) for k in retention if k in values},
-            "general": general,
-            **{f"general_{key}": value for key, value in paired.items()},
-            "general_seconds": round(general_seconds, 3),
-            **({"general_cached": True} if cached else {}),
-            "checkpoint_seconds": round(time.perf_counter() - started, 3),
-        }
+        """Retention scores of ``records`` and the general-ability suite, on the model as it is now,
+        appended to ``checkpoints.jsonl``."""
+        line = checkpoint_line(self.model, self.tokenizer, self.general, edits, records, extra)
         self.dir.append(self.checkpoints_path, line)
         return line
 
     # -- outputs -------------------------------------------------------------------------------
-    def write_summary(self, wall_seconds: float) -> dict[str, Any]:
-        records = read_jsonl(self.cases_path)
-        wanted = {r.case_id for r in self.requests}
-        records = [r for r in records if r["case_id"] in wanted]
-        failed = [r for r in records if is_failed(r)]
-        scored = [r for r in records if not is_failed(r)]
-        metrics = RunMetrics()
-        for record in scored[self.shard.rank :: self.shard.world]:
-            metrics.update(record)
-        flat = metrics.summary()  # reduced over all processes of a sharded run
-        summary = {
-            "editor": self.editor.name,
-            "mode": self.mode,
-            "edits_per_call": self.edits_per_call,
-            "cases": len(records),
-            "failed_cases": len(failed),  # the metrics are over the other cases
-            "failed_case_ids": [r["case_id"] for r in failed],
-            "wall_seconds_this_invocation": wall_seconds,
-            "metrics": flat,
-            "protocols": protocols_of(flat),
-            **self.info,
-            "provenance": self.provenance if self.provenance is not None else run_provenance(self.model, self.model_id, self.data),
-        }
-        if self.shard.active:
-            summary["processes"] = self.shard.world
-            if not self.shard.is_main:
-                return summary
-        if read_jsonl(self.checkpoints_path):
-            summary.update(self._checkpoint_outputs(summary))
-        self.dir.write_summary(summary)
-        self._tensorboard(scored, flat)
-        return summary
-
-    def settings(self) -> dict[str, Any]:
-        """The run's settings by dotted name, as TensorBoard's HParams view lists them."""
-        found: dict[str, Any] = {
-            "editor": self.editor.name,
-            "mode": self.mode,
-            "edits_per_call": self.edits_per_call,
-            "model": self.model_id,
-            "data": self.data,
-            "cases": len(self.requests),
-        }
-        found.update({f"editor.{k}": v for k, v in self.editor_config.to_dict().items()})
-        found.update({f"eval.{k}": v for k, v in dataclasses.asdict(self.eval).items()})
-        return found
-
-    def _checkpoint_outputs(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Curves (PNG), a markdown table, TensorBoard scalars by number of edits, and the edit
-        budget when the general suite ran; returns what goes into summary.json."""
-        from . import compare
-
-        checkpoints = compare.read_checkpoints(self.checkpoints_path)
-        run = compare.Run(label=self.editor.name, path=self.out, summary=summary, checkpoints=checkpoints)
-        out: dict[str, Any] = {"checkpoints": [c["edits"] for c in checkpoints]}
-        budgets = {}
-        if checkpoints[0]["edits"] == 0 and checkpoints[0].get("general"):
-            out["edit_budget"] = budgets[run.label] = compare.edit_budget(checkpoints, threshold=self.budget_threshold)
-        compare.plot_runs([run], self.dir.curves, threshold=self.budget_threshold, metrics=compare.retention_keys([run]), width=compare.DOUBLE_COLUMN)
-        self.dir.checkpoints_md.write_text(compare.markdown_table([run], budgets))
-        compare.write_tensorboard(checkpoints, self.dir.tensorboard)
-        return out
-
-    def _tensorboard(self, records: list[dict[str, Any]], flat: dict[str, float]) -> None:
-        """End the TensorBoard view: the final metrics and the settings. Per-case scalars were
-        written as the cases finished, except in a sharded run, whose cases are written now."""
-        board, own = self._board, self._board is None
-        if own:
-            board = RunBoard(self.dir.tensorboard, running=False)
-            for record in records:
-                board.add(record)
-        try:
-            board.finish(self.settings(), flat)
-        finally:
-            if own:
-                board.close()

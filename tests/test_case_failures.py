@@ -13,7 +13,8 @@ from factedit.editors import get_editor
 from factedit.editors.base import Edit, ParamDelta
 from factedit.evaluation.cli import main
 from factedit.evaluation.report import summary_table
-from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.run_dir import read_jsonl
+from factedit.evaluation.runner import EditRun
 from factedit.evaluation.scoring import EvalConfig, RunMetrics
 
 FT = dict(layers=[1], lr=1e-2, steps=3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from factedit.editors import get_editor
-from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.run_dir import read_jsonl
+from factedit.evaluation.runner import EditRun
 from factedit.evaluation.scoring import EvalConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -13,10 +13,8 @@ from typing import Any
 import pytest
 
 from factedit import datamodules
+from factedit.datamodules.formats.mquake import MULTI_HOP_KIND, SINGLE_HOP_KIND
 from factedit.datamodules.records import (
-    MULTI_HOP_KIND,
-    SINGLE_HOP_KIND,
-    RawRecord,
     RecordError,
     dataset_to_requests,
     detect_format,
@@ -26,6 +24,7 @@ from factedit.datamodules.records import (
     requests_to_dataset,
     validate_records,
 )
+from factedit.datamodules.rows import RawRecord
 from factedit.datamodules.sources import SOURCES, SourceError, ensure_downloaded, resolve_source, source_path
 from factedit.editors.base import QA, EditRequest
 

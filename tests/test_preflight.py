@@ -16,7 +16,7 @@ from factedit.editors.stats import layer_statistics
 from factedit.editors.targets import get_targets
 from factedit import models
 from factedit.evaluation.cli import main
-from factedit.evaluation.runner import read_jsonl
+from factedit.evaluation.run_dir import read_jsonl
 
 LONG_PROMPT = "Xq zv " * 80 + "{} is located in"  # ~480 tokens: more than the tiny GPT-2's 128 positions
 

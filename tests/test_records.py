@@ -17,10 +17,10 @@ from factedit.datamodules.records import (
     dataset_to_requests,
     detect_format,
     load_requests,
-    read_raw_records,
     requests_to_dataset,
     validate_records,
 )
+from factedit.datamodules.rows import read_raw_records
 from factedit.datamodules.sources import SourceError
 from factedit.editors.base import QA, EditRequest
 
@@ -525,3 +525,24 @@ def test_real_mend_train_has_two_empty_new_targets():
 def test_real_wikibio_is_refused():
     with pytest.raises(RecordError, match="WikiBio"):
         load_requests(REAL_DATA / "knowedit/wikibio-test-all.json")
+
+
+def test_a_format_registered_in_one_module_is_read_and_detected(tmp_path, monkeypatch):
+    """A new format is one ``register_format`` call: loading, detection and the error messages
+    (under the file's own field names) then know it; a taken name is refused."""
+    from factedit.datamodules.formats import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    def parse(row):
+        return dict(case_id=str(row.raw.index), prompt=row.string("question"), subject=row.string("about"), target_new=row.string("new"))
+
+    spec = base.Format("toy_qa", parse, {"prompt": "question", "target_new": "new"}, lambda record: "question" in record, 60, "toy_qa (question, about, new)")
+    base.register_format(spec)
+    with pytest.raises(ValueError, match="already registered"):
+        base.register_format(spec)
+    path = write_json(tmp_path / "toy.json", [{"question": "Paris is in", "about": "Paris", "new": "Italy"}, {"question": "Rome is in", "about": "Rome", "new": ""}])
+    assert detect_format({"question": "q"}) == "toy_qa"
+    requests, errors = validate_records(path)
+    assert [(r.prompt, r.subject, r.target_new) for r in requests] == [("Paris is in", "Paris", "Italy")]
+    assert len(errors) == 1 and errors[0].index == 1 and errors[0].field == "new"

@@ -10,7 +10,8 @@ import torch
 
 from factedit.editors import get_editor
 from factedit.evaluation.cli import main
-from factedit.evaluation.runner import EditRun, read_jsonl
+from factedit.evaluation.run_dir import read_jsonl
+from factedit.evaluation.runner import EditRun
 from factedit.evaluation.scoring import EvalConfig
 
 FT = dict(layers=[1], lr=1e-2, steps=5)
@@ -218,7 +219,7 @@ def as_suite(scores):
 
 
 def test_edit_units_keep_groups_whole(request_factory):
-    from factedit.evaluation.runner import edit_units
+    from factedit.evaluation.cases import edit_units
 
     def req(i, group=None):
         r = request_factory(str(i))
@@ -235,7 +236,7 @@ def test_edit_units_keep_groups_whole(request_factory):
 
 
 def test_checkpoint_schedule():
-    from factedit.evaluation.runner import checkpoint_schedule
+    from factedit.evaluation.cases import checkpoint_schedule
 
     assert checkpoint_schedule(200) == [1, 5, 10, 20, 50, 100, 200]
     assert checkpoint_schedule(7, [10, 2, 5]) == [2, 5, 7]

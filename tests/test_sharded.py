@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from factedit.evaluation.runner import read_jsonl
+from factedit.evaluation.run_dir import read_jsonl
 
 REQUESTS = [
     ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English"),
