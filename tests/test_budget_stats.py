@@ -81,3 +81,15 @@ def test_a_task_at_chance_is_left_out():
     assert edit_budget(checkpoints, threshold=0.1, alpha=None)["budget"] == 10  # without statistics it would set the budget
     with pytest.raises(ValueError, match="alpha"):
         edit_budget(checkpoints, alpha=1.5)
+
+
+def test_a_task_s_headline_comes_from_its_row_in_the_task_table(monkeypatch):
+    """The budget reads a known task's headline from the task table; other tasks follow the
+    preference rule."""
+    from factedit.evaluation.compare import budget
+
+    metrics = {"acc": 0.5, "acc_norm": 0.6}
+    assert budget.headline("mmlu", metrics) == ("acc", "higher")  # the table's row, although acc_norm is preferred
+    assert budget.headline("some_hub_task", metrics) == ("acc_norm", "higher")
+    monkeypatch.setitem(budget.TASK_HEADLINES, "mmlu", ("acc_norm", "higher"))
+    assert budget.headline("mmlu", metrics) == ("acc_norm", "higher")

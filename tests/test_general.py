@@ -23,15 +23,14 @@ from factedit.evaluation.general import (
     MissingDataError,
     PrefixScorer,
     UnknownTaskError,
-    _in_memory_lm,
-    _prepare_local,
-    _read_hellaswag,
-    _read_wikitext,
     default_data_dir,
     evaluate_general,
     hub_task_names,
     run_general,
 )
+from factedit.evaluation.general.data import prepare_local
+from factedit.evaluation.general.readers import read_hellaswag, read_wikitext
+from factedit.evaluation.general.suite import in_memory_lm
 
 ARC_EASY = [
     {"id": "q0", "prompt": "What is the capital of France?", "choices": ["Paris", "Rome", "Africa", "English"], "answer_idx": 0},
@@ -211,13 +210,13 @@ def test_accuracy_is_the_argmax_of_the_models_own_loglikelihoods(kind, tokenizer
 
 
 def test_truthfulqa_mc2_is_the_normalised_mass_of_true_answers(llama, tokenizer, data_dir):
-    from factedit.evaluation.general import _TRUTHFULQA_PRIMER
+    from factedit.evaluation.general.readers import TRUTHFULQA_PRIMER
 
     run = run_general(llama, tokenizer, GeneralConfig(tasks=["truthfulqa_mc2", "truthfulqa_mc1"], limit=1, data_dir=str(data_dir)))
     scores = run.scores
     assert run.chance["truthfulqa_mc2"] == 0.5  # a uniform model puts half the mass on the two true answers of four
     assert run.chance["truthfulqa_mc1"] == pytest.approx(1 / len(json.loads((data_dir / "truthfulqa/data/mc_task.json").read_text())[0]["mc1_targets"]))
-    context = f"{_TRUTHFULQA_PRIMER}\n\nQ: What is the capital of Italy 0?\nA:"
+    context = f"{TRUTHFULQA_PRIMER}\n\nQ: What is the capital of Italy 0?\nA:"
     probs = np.exp([loglikelihood(llama, tokenizer, context, " " + answer) for answer in ("Rome.", "It is Rome.", "Paris.", "Africa.")])
     assert scores["truthfulqa_mc2"]["acc"] == pytest.approx(probs[:2].sum() / probs.sum(), rel=1e-4)
 
@@ -233,7 +232,7 @@ def test_limit_counts_items_and_fewshot_examples_come_from_the_rest(llama, token
     assert run.costs["arc_easy"].requests == len(ARC_EASY[0]["choices"]) + len(ARC_EASY[1]["choices"])
 
     config = GeneralConfig(tasks=["arc_easy"], limit=None, num_fewshot=1, data_dir=str(data_dir))
-    prepared = _prepare_local("arc_easy", config, data_dir, isolated_cache / "general")
+    prepared = prepare_local("arc_easy", config, data_dir, isolated_cache / "general")
     assert prepared.config["process_docs"].indices == [0, 1]  # the last item is held back for the example
     assert prepared.config["fewshot_config"]["samples"] == [{"query": "Question: What does Toko Yasuda play?\nAnswer:", "choices": ARC_EASY[2]["choices"], "gold": 0}]
     assert prepared.config["num_fewshot"] == 1
@@ -253,8 +252,8 @@ def test_mmlu_limit_is_a_total_over_subjects_with_same_subject_examples(llama, t
     assert run.items["mmlu"] == 4 and run.costs["mmlu"].requests == 16  # not 3 + 3: the limit is not per subject
 
     config = GeneralConfig(tasks=["mmlu"], limit=4, num_fewshot=2, seed=3, data_dir=str(data_dir))
-    prepared = _prepare_local("mmlu", config, data_dir, isolated_cache / "general")
-    again = _prepare_local("mmlu", config, data_dir, isolated_cache / "general")
+    prepared = prepare_local("mmlu", config, data_dir, isolated_cache / "general")
+    again = prepare_local("mmlu", config, data_dir, isolated_cache / "general")
     assert prepared.config["process_docs"].indices == again.config["process_docs"].indices
     import datasets
 
@@ -323,10 +322,10 @@ def test_converted_files_are_keyed_by_source_content(llama, tokenizer, tmp_path,
 
 
 def test_raw_readers(tmp_path, data_dir):
-    pages = _read_wikitext(data_dir / "wikitext/wikitext-2-raw/wiki.test.raw")
+    pages = read_wikitext(data_dir / "wikitext/wikitext-2-raw/wiki.test.raw")
     assert [page["page"].split("\n")[0] for page in pages] == [" = Paris = ", " = Rome = "]
     assert all("\r" not in page["page"] for page in pages) and " = = History = = " in pages[0]["page"]
-    docs = _read_hellaswag(data_dir / "hellaswag/hellaswag_val_full.txt.bz2")
+    docs = read_hellaswag(data_dir / "hellaswag/hellaswag_val_full.txt.bz2")
     assert [doc["gold"] for doc in docs] == [0, 1, 2] and docs[0]["choices"][0] == "located in Paris."
 
 
@@ -335,7 +334,7 @@ def test_prefix_scorer_matches_hflm(kind, tokenizer):
     from lm_eval.models.huggingface import HFLM
 
     model = build(kind, len(tokenizer))
-    lm = _in_memory_lm(model, tokenizer, batch_size=3)
+    lm = in_memory_lm(model, tokenizer, batch_size=3)
     assert lm.shared_prefix
     generator = random.Random(0)
 
@@ -389,9 +388,9 @@ def test_every_local_file_of_the_shared_folder_is_read(isolated_cache):
     for task in TASKS:
         if task == "toxigen":  # its annotated test set is not in the shared folder
             with pytest.raises(MissingDataError, match="skg/toxigen-data"):
-                _prepare_local(task, GeneralConfig(tasks=[task]), data, isolated_cache / "general")
+                prepare_local(task, GeneralConfig(tasks=[task]), data, isolated_cache / "general")
             continue
-        prepared = _prepare_local(task, GeneralConfig(tasks=[task], limit=None, num_fewshot=0), data, isolated_cache / "general")
+        prepared = prepare_local(task, GeneralConfig(tasks=[task], limit=None, num_fewshot=0), data, isolated_cache / "general")
         if task in sizes:
             assert prepared.items == sizes[task], task
 
@@ -408,8 +407,8 @@ def test_default_model_on_arc_easy():
 def test_per_task_shots_and_the_paper_preset(data_dir, isolated_cache):
     config = GeneralConfig(tasks=["mmlu", "arc_easy", "bbh"], num_fewshot=1, fewshot_preset="paper", task_fewshot={"bbh": 2}, data_dir=str(data_dir))
     assert [config.fewshot_of(t) for t in ("mmlu", "gsm8k", "commonsense_qa", "truthfulqa_mc1", "arc_easy", "bbh")] == [5, 8, 7, 0, 1, 2]
-    assert _prepare_local("mmlu", config, data_dir, isolated_cache / "general").fewshot == 5  # the paper's 5-shot MMLU
-    assert _prepare_local("arc_easy", config, data_dir, isolated_cache / "general").config["num_fewshot"] == 1  # not in the preset
+    assert prepare_local("mmlu", config, data_dir, isolated_cache / "general").fewshot == 5  # the paper's 5-shot MMLU
+    assert prepare_local("arc_easy", config, data_dir, isolated_cache / "general").config["num_fewshot"] == 1  # not in the preset
     with pytest.raises(ValueError, match="per-task shots"):
         run_general(None, None, GeneralConfig(tasks=["mmlu", "arc_easy"], source="hub", fewshot_preset="paper"))
     with pytest.raises(ValueError, match="fewshot_preset"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from ..general.tasks import HEADLINE as TASK_HEADLINES
+
 HEADLINE_PREFERENCE = (
     "acc_norm",
     "acc",
@@ -52,8 +54,10 @@ def headline(task: str, metrics: Mapping[str, Any], overrides: HeadlineMap | Non
     """The metric that represents ``task`` and whether ``"higher"`` or ``"lower"`` is better.
 
     ``overrides`` maps a task to a metric name, or to ``(metric, direction)``; a task not in it
-    follows the default rule: the first of :data:`HEADLINE_PREFERENCE` present in ``metrics``, else
-    the first key with a numeric value (else the first key). Names containing ``perplexity``,
+    takes the headline of its row in the task table (:data:`~factedit.evaluation.general.HEADLINE`)
+    when it reports that metric; any other task (an lm-eval task of another name) follows the
+    default rule: the first of :data:`HEADLINE_PREFERENCE` present in ``metrics``, else the first
+    key with a numeric value (else the first key). Names containing ``perplexity``,
     ``bits_per_byte`` or ``over_refusal`` are ``"lower"``, all others ``"higher"``.
     """
     if overrides and task in overrides:
@@ -69,6 +73,8 @@ def headline(task: str, metrics: Mapping[str, Any], overrides: HeadlineMap | Non
         return metric, direction
     if not metrics:
         raise ValueError(f"task {task!r} reports no metrics")
+    if task in TASK_HEADLINES and TASK_HEADLINES[task][0] in metrics:
+        return TASK_HEADLINES[task]
     for metric in HEADLINE_PREFERENCE:
         if metric in metrics:
             return metric, direction_of(metric)
