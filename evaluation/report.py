@@ -4,52 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from factedit.metrics import PORTABILITY_KIND_PREFIX, protocol_of
+from factedit.metrics import COSTS, PORTABILITY_KIND_PREFIX, SCORES, protocol_of, score_of
 
-ROWS = (
-    ("reliability", "edit prompt, new target: token accuracy"),
-    ("generalization", "rephrased prompts: token accuracy"),
-    ("locality", "unrelated prompts: agreement with unedited model"),
-    ("portability", "questions that follow from the edit: token accuracy"),
-    # per-kind portability rows (portability_<kind>) are inserted here
-    ("es", "efficacy: P(new) > P(true) on edit prompt"),
-    ("ps", "paraphrase: P(new) > P(true)"),
-    ("ns", "neighborhood: P(true) > P(new)"),
-    ("score", "S = harmonic mean of ES, PS, NS"),
-    ("em", "efficacy magnitude P(new) - P(true)"),
-    ("pm", "paraphrase magnitude"),
-    ("nm", "neighborhood magnitude P(true) - P(new)"),
-    ("fluency", "n-gram entropy of generations"),
-    ("gen_reliability_em", "edit prompt: greedy answer starts with new target"),
-    ("gen_reliability_contains", "edit prompt: greedy answer contains new target"),
-    ("gen_generalization_em", "rephrased prompts: greedy answer starts with new target"),
-    ("gen_generalization_contains", "rephrased prompts: greedy answer contains new target"),
-    ("gen_portability_em", "portability: greedy answer starts with an accepted answer"),
-    ("gen_portability_contains", "portability: greedy answer contains an accepted answer"),
-)
+ROWS = tuple((score.key, score.meaning) for score in SCORES)
+"""The report's rows in order: each score's key and meaning, from :data:`factedit.metrics.SCORES`."""
 
-LABELS = {
-    "reliability": "Reliability",
-    "generalization": "Generalization",
-    "locality": "Locality",
-    "portability": "Portability",
-    "es": "Efficacy (ES)",
-    "ps": "Paraphrase (PS)",
-    "ns": "Neighborhood (NS)",
-    "score": "Score (S)",
-    "em": "Efficacy magn. (EM)",
-    "pm": "Paraphrase magn. (PM)",
-    "nm": "Neighborhood magn. (NM)",
-    "fluency": "Fluency",
-    "gen_reliability_em": "Gen. reliability (exact)",
-    "gen_reliability_contains": "Gen. reliability (contains)",
-    "gen_generalization_em": "Gen. generalization (exact)",
-    "gen_generalization_contains": "Gen. generalization (contains)",
-    "gen_portability_em": "Gen. portability (exact)",
-    "gen_portability_contains": "Gen. portability (contains)",
-    "seconds_per_edit": "Seconds / edit",
-    "peak_memory_mb": "Peak memory (MB)",
-}
+LABELS = {**{score.key: score.label for score in SCORES}, **COSTS}
 """A name for each key of :data:`ROWS` (and of the costs) fit for a table or a figure in a paper."""
 
 
@@ -59,7 +19,7 @@ def label_of(key: str) -> str:
     if key in LABELS:
         return LABELS[key]
     if key.startswith(PORTABILITY_KIND_PREFIX):
-        return f"Portability ({key.removeprefix(PORTABILITY_KIND_PREFIX).replace('_', ' ')})"
+        return score_of(key).label
     return key.replace("_", " ").capitalize()
 
 
@@ -78,7 +38,7 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     for key, meaning in ROWS:
         rows.append((key, meaning))
         if key == "portability":
-            rows += [(kind, f"portability, {kind.removeprefix(PORTABILITY_KIND_PREFIX).replace('_', ' ')} probes: token accuracy") for kind in kinds]
+            rows += [(kind, score_of(kind).meaning) for kind in kinds]
     return rows
 
 

@@ -29,38 +29,30 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torchmetrics import CatMetric, MaxMetric, MeanMetric, Metric
+from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
 from factedit.editors.base import EditRequest
 from factedit.editors.lm import collate_pairs, encode_pair, logits_at, model_device
 from factedit.metrics import (
+    GENERATION_GROUPS,
     PORTABILITY_KIND_PREFIX,
-    GenerationContains,
-    GenerationExactMatch,
-    LocalityAgreement,
-    NGramEntropy,
+    SCORES,
     ProbabilityComparison,
-    TokenAccuracy,
     generation_contains,
     generation_exact_match,
     harmonic_mean,
-    locality_agreement,
-    mean_ngram_entropy,
-    probability_comparison,
     protocol_of,
-    token_accuracy,
+    score_of,
 )
 
 from .config import CHAT_TEMPLATE, EvalConfig  # defined with the other run settings, importable without torch
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
-PROBABILITY_GROUPS = {"es": "new", "ps": "new", "ns": "true"}
-MAGNITUDE_KEYS = {"es": "em", "ps": "pm", "ns": "nm"}
-GENERATION_GROUPS = ("reliability", "generalization", "portability")
+PROBABILITY_GROUPS = {score.key: score.options["expect"] for score in SCORES if score.magnitude}
+"""The probability comparisons (ES, PS, NS) and the target each expects to win."""
+MAGNITUDE_KEYS = {score.key: score.magnitude for score in SCORES if score.magnitude}
 GENERATION_SCORES: dict[str, Callable[..., float | None]] = {"em": generation_exact_match, "contains": generation_contains}
-GENERATION_METRICS: dict[str, type[Metric]] = {"em": GenerationExactMatch, "contains": GenerationContains}
-GENERATION_KEYS: dict[str, str] = {f"gen_{group}_{score}": score for group in GENERATION_GROUPS for score in GENERATION_SCORES}
-"""Summary key of each generation score -> ``"em"`` or ``"contains"``."""
+"""The two matches of a greedy answer (``gen_<group>_em`` and ``gen_<group>_contains``)."""
 GENERATION_MARGIN = 3
 """New tokens a greedy answer may have beyond its longest accepted answer's token length."""
 UNNAMED_KIND = "portability"
@@ -357,20 +349,16 @@ def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) 
 
 
 def case_scores(raw: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, float | None]:
-    """Per-case scores from raw measurements; ``reference`` is the unedited model's (for locality)."""
+    """Per-case scores from raw measurements; ``reference`` is the unedited model's (for locality).
+    Each score is its row's ``case_score`` (:data:`factedit.metrics.SCORES`)."""
     scores: dict[str, float | None] = {}
     for name, args in metric_inputs(raw, reference).items():
-        if name in PROBABILITY_GROUPS:
-            result = probability_comparison(*args, PROBABILITY_GROUPS[name])
-            scores[name], scores[MAGNITUDE_KEYS[name]] = result if result is not None else (None, None)
-        elif name == "locality":
-            scores[name] = locality_agreement(*args)
-        elif name == "fluency":
-            scores[name] = mean_ngram_entropy(*args)
-        elif name in GENERATION_KEYS:
-            scores[name] = GENERATION_SCORES[GENERATION_KEYS[name]](*args)
-        else:  # reliability, generalization, portability and its kinds
-            scores[name] = token_accuracy(*args)
+        score = score_of(name)
+        result = score.case_score(*args)
+        if score.magnitude is not None:  # a probability comparison: success rate and magnitude
+            scores[name], scores[score.magnitude] = result if result is not None else (None, None)
+        else:
+            scores[name] = result
     return scores
 
 
@@ -389,19 +377,9 @@ class RunMetrics:
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
         for stage in ("pre", "post"):
-            metrics: dict[str, Any] = {
-                "reliability": TokenAccuracy(),
-                "generalization": TokenAccuracy(),
-                "portability": TokenAccuracy(),
-                "es": ProbabilityComparison(expect="new"),
-                "ps": ProbabilityComparison(expect="new"),
-                "ns": ProbabilityComparison(expect="true"),
-                "fluency": NGramEntropy(),
+            self.stages[stage] = {
+                score.key: score.accumulator() for score in SCORES if not score.derived and (stage == "post" or not score.post_only)
             }
-            metrics.update({key: GENERATION_METRICS[score]() for key, score in GENERATION_KEYS.items()})
-            if stage == "post":
-                metrics["locality"] = LocalityAgreement()
-            self.stages[stage] = metrics
         self.fixed = {stage: tuple(metrics) for stage, metrics in self.stages.items()}
         self.seconds = MeanMetric()
         self.seconds_all = CatMetric()
@@ -413,7 +391,7 @@ class RunMetrics:
         if name not in metrics:
             if not name.startswith(PORTABILITY_KIND_PREFIX):
                 raise KeyError(f"no metric for {name!r}")
-            metrics[name] = TokenAccuracy()
+            metrics[name] = score_of(name).accumulator()
         return metrics[name]
 
     def update(self, record: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ Every metric class names the protocol that produced its number in ``protocol``:
   :class:`GenerationExactMatch`, :class:`GenerationContains`.
 
 Scores from different protocols measure different things and are never averaged together;
-:data:`PROTOCOLS` says which protocol each summary key belongs to (``"efficiency"`` for the
+:data:`SCORES` is the one table of the scores (key, metric class, meaning, name); :data:`PROTOCOLS`
+says which protocol each summary key belongs to (``"efficiency"`` for the
 cost of editing, which is not a quality score).
 
 Each ``update`` takes one edit case; a case's score is the mean over its prompts and ``compute()``
@@ -32,42 +33,12 @@ from factedit.metrics.generation import (
     normalize_answer,
 )
 from factedit.metrics.probability import ProbabilityComparison, harmonic_mean, probability_comparison
+from factedit.metrics.scores import COSTS, GENERATION_GROUPS, PORTABILITY_KIND_PREFIX, SCORES, Score, score_of
 from factedit.metrics.token import LocalityAgreement, TokenAccuracy, locality_agreement, token_accuracy
 
-PROTOCOLS: dict[str, str] = {
-    "reliability": "token",
-    "generalization": "token",
-    "locality": "token",
-    "portability": "token",
-    # portability by probe kind (KnowEdit's sections, MQuAKE's hops); any other
-    # ``portability_<kind>`` is token-protocol too (see :func:`protocol_of`)
-    "portability_reasoning": "token",
-    "portability_subject_aliasing": "token",
-    "portability_logical_generalization": "token",
-    "portability_multi_hop": "token",
-    "portability_single_hop": "token",
-    "es": "probability",
-    "ps": "probability",
-    "ns": "probability",
-    "score": "probability",
-    "em": "probability",
-    "pm": "probability",
-    "nm": "probability",
-    "fluency": "generation",
-    "gen_reliability_em": "generation",
-    "gen_reliability_contains": "generation",
-    "gen_generalization_em": "generation",
-    "gen_generalization_contains": "generation",
-    "gen_portability_em": "generation",
-    "gen_portability_contains": "generation",
-    "seconds_per_edit": "efficiency",
-    "peak_memory_mb": "efficiency",
-}
+PROTOCOLS: dict[str, str] = {**{score.key: score.protocol for score in SCORES}, **{key: "efficiency" for key in COSTS}}
 """Summary key -> the protocol that produced it (``token``, ``probability``, ``generation`` or
-``efficiency``)."""
-
-PORTABILITY_KIND_PREFIX = "portability_"
-"""Per-kind portability keys are ``portability_<kind in lower snake case>`` (token protocol)."""
+``efficiency``), read from :data:`SCORES`: each row's metric class names its protocol."""
 
 
 def protocol_of(key: str) -> str:
@@ -82,6 +53,11 @@ def protocol_of(key: str) -> str:
 
 
 __all__ = [
+    "COSTS",
+    "GENERATION_GROUPS",
+    "SCORES",
+    "Score",
+    "score_of",
     "PROTOCOLS",
     "PORTABILITY_KIND_PREFIX",
     "protocol_of",

@@ -78,6 +78,8 @@ class NGramEntropy(CaseAverage):
     :meth:`~torchmetrics.Metric.merge_state`.
     """
 
+    case_score = staticmethod(mean_ngram_entropy)
+
     protocol: ClassVar[str] = "generation"
 
     def __init__(self, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3), **kwargs: Any) -> None:

@@ -141,6 +141,8 @@ class GenerationExactMatch(_GenerationProtocol):
     skipped; ``compute()`` is ``nan`` when no case was counted.
     """
 
+    case_score = staticmethod(generation_exact_match)
+
     def update(self, continuations: Sequence[str], answers: Sequence[Answers]) -> None:
         self._add_case(generation_exact_match(continuations, answers))
 
@@ -151,6 +153,8 @@ class GenerationContains(_GenerationProtocol):
     Call ``update(continuations, answers)`` once per edit case. A case without prompts is
     skipped; ``compute()`` is ``nan`` when no case was counted.
     """
+
+    case_score = staticmethod(generation_contains)
 
     def update(self, continuations: Sequence[str], answers: Sequence[Answers]) -> None:
         self._add_case(generation_contains(continuations, answers))

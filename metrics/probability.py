@@ -91,6 +91,8 @@ class ProbabilityComparison(Metric):
     with :meth:`~torchmetrics.Metric.merge_state`.
     """
 
+    case_score = staticmethod(probability_comparison)  # (success, magnitude) of one case
+
     protocol: ClassVar[str] = "probability"
     is_differentiable: ClassVar[bool] = False
     higher_is_better: ClassVar[bool] = True

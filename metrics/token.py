@@ -92,6 +92,8 @@ class TokenAccuracy(_TokenProtocol):
     given.
     """
 
+    case_score = staticmethod(token_accuracy)  # the per-case score this metric averages
+
     def update(self, predictions: Sequence[Tensor], targets: Sequence[Tensor]) -> None:
         self._add_case(token_accuracy(predictions, targets))
 
@@ -103,6 +105,8 @@ class LocalityAgreement(_TokenProtocol):
     Call ``update(post_predictions, pre_predictions)`` once per edit case. A case without
     locality prompts is skipped; ``compute()`` is ``nan`` when no case was counted.
     """
+
+    case_score = staticmethod(locality_agreement)
 
     def update(self, post_predictions: Sequence[Tensor], pre_predictions: Sequence[Tensor]) -> None:
         self._add_case(locality_agreement(post_predictions, pre_predictions))

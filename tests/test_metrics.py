@@ -355,11 +355,6 @@ def test_protocols():
         "generalization",
         "locality",
         "portability",
-        "portability_reasoning",
-        "portability_subject_aliasing",
-        "portability_logical_generalization",
-        "portability_multi_hop",
-        "portability_single_hop",
     }
     assert {key for key, protocol in PROTOCOLS.items() if protocol == "probability"} == {
         "es",
@@ -383,3 +378,28 @@ def test_protocols():
         "seconds_per_edit",
         "peak_memory_mb",
     }
+
+
+def test_every_score_is_one_row_that_names_its_metric_protocol_and_case_score():
+    """The table of scores drives per-case scores, the run's accumulators and the report: each
+    row's per-case score is its metric class's, and accumulating one case gives that value."""
+    from factedit.evaluation.report import LABELS, ROWS
+    from factedit.evaluation.scoring import RunMetrics
+    from factedit.metrics import SCORES, score_of
+
+    assert [key for key, _ in ROWS] == [score.key for score in SCORES]
+    assert all(LABELS[score.key] == score.label for score in SCORES)
+    stages = RunMetrics().stages
+    assert set(stages["post"]) == {score.key for score in SCORES if not score.derived}
+    assert set(stages["pre"]) == set(stages["post"]) - {"locality"}
+    for score in SCORES:
+        assert PROTOCOLS[score.key] == score.metric.protocol
+    predictions, targets = [torch.tensor([1, 2, 3])], [torch.tensor([1, 2, 4])]
+    row = score_of("portability_multi_hop")
+    assert row.protocol == "token" and row.case_score(predictions, targets) == pytest.approx(2 / 3)
+    metric = row.accumulator()
+    metric.update(predictions, targets)
+    assert float(metric.compute()) == pytest.approx(2 / 3)
+    es = score_of("es")
+    success, magnitude = es.case_score(torch.tensor([1.0]), torch.tensor([2.0]))  # new target more likely
+    assert success == 1.0 and magnitude > 0

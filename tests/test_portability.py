@@ -17,7 +17,7 @@ from factedit.datamodules.records import load_requests
 from factedit.editors.base import QA
 from factedit.evaluation.report import summary_table
 from factedit.evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, portability_key, protocols_of, score_pairs
-from factedit.metrics import PROTOCOLS, protocol_of, token_accuracy
+from factedit.metrics import protocol_of, token_accuracy
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_kind_keys_are_lower_snake_case(kind, key):
 
 def test_known_kinds_are_token_protocol():
     for key in ("portability_reasoning", "portability_subject_aliasing", "portability_logical_generalization", "portability_multi_hop"):
-        assert PROTOCOLS[key] == "token"
+        assert protocol_of(key) == "token" and protocol_of("pre_" + key) == "token"
 
 
 # --------------------------------------------------------------------------------------------
