@@ -170,3 +170,23 @@ def test_a_built_wheel_installs_one_name(tmp_path):
     assert "factedit/editors/rome/editor.py" in names and "factedit/datamodules/demo/demo_counterfact.json" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "factedit-edit = factedit.evaluation.cli:run" in entry_points
+
+
+def test_tests_mirror_the_packages_and_share_only_helpers():
+    """Test folders are named after the packages; a test module imports no other test module
+    (shared builders live in ``tests/helpers``), and ``conftest.py`` holds fixtures only."""
+    tests = ROOT / "tests"
+    folders = {path.name for path in tests.iterdir() if path.is_dir() and not path.name.startswith((".", "__"))}
+    assert folders <= set(SUBPACKAGES) | {"helpers"}
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in tests.rglob("*.py")
+        for name, line in _imports(path, "x", False)
+        if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"
+    ]
+    assert not wrong, "\n".join(wrong)
+    conftest = ast.parse((tests / "conftest.py").read_text())
+    functions = [node for node in conftest.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert functions and all(
+        isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(decorator) for decorator in node.decorator_list) for node in functions
+    ), [node.name for node in functions]

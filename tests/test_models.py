@@ -18,7 +18,7 @@ def test_missing_bundled_package_says_what_to_install(monkeypatch):
 
 
 def test_local_folder_loads_in_eval_mode_without_gradients(tmp_path, tokenizer):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     build_gpt2(len(tokenizer)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -42,7 +42,7 @@ computed once per context and weights (recomputed when an edit is added or remov
 parameter changes in place) and every pass that starts afresh reads them from a cache instead of
 re-encoding the context for each row: a case's probes then cost their own tokens only, not
 ``rows x (context + tokens)``. Outputs agree with the prepended-token pass to float rounding
-(``tests/test_ike.py`` checks 1e-5). Models without a cache object fall back to prepending tokens.
+(``tests/editors/test_ike.py`` checks 1e-5). Models without a cache object fall back to prepending tokens.
 
 **Several applied IKE edits** compose: the context is all their demonstrations in application
 order followed by all their ``New Fact:`` lines in application order (most recent last), so the

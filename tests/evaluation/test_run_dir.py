@@ -14,13 +14,13 @@ import pytest
 
 from factedit.evaluation.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     """A tiny random model folder and a two-record CounterFact file, shared by this module."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     folder = tmp_path_factory.mktemp("inputs")
     build_llama(len(tokenizer)).save_pretrained(folder / "model")

@@ -3,15 +3,13 @@ random models."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
-from conftest import build_gpt2, build_llama
-from factedit.datamodules.edit_datamodule import EditDataModule
+from helpers import build_gpt2, build_llama
+from helpers.training import facts_datamodule, quiet_trainer
 from factedit.editors import get_editor
 from factedit.editors.ke import KEConfig, predict_updates
 from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
@@ -162,35 +160,11 @@ def test_untrained_network_makes_the_standardised_step_once_statistics_are_warme
 # Training
 # --------------------------------------------------------------------------------------------
 
-FACTS = [  # (subject, prompt, rephrase, new target, locality prompt, its answer): tokenizer-corpus words
-    ("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "Danielle Darrieux speaks", "English", "The capital of Italy is", "Rome"),
-    ("France", "The capital of France is", "France has the capital", "Rome", "Angola is located in", "Africa"),
-    ("Eiffel Tower", "The Eiffel Tower is located in the city of", "The Eiffel Tower is in", "Africa", "The capital of France is", "Paris"),
-    ("Toko Yasuda", "Toko Yasuda plays the", "Toko Yasuda is playing the", "French", "Michel Rocard speaks", "French"),
-    ("Angola", "Angola is located in", "Angola is a country in", "Antarctica", "The mother tongue of Danielle Darrieux is", "French"),
-    ("Michel Rocard", "Michel Rocard speaks", "The mother tongue of Michel Rocard is", "Paris", "Antarctica is a", "continent"),
-]
-
-
-def _data(tmp_path: Path, tokenizer, batch_size: int, val_fraction: float) -> EditDataModule:
-    records = [
-        {"subject": s, "src": p, "rephrase": r, "alt": a, "answers": ["old"], "loc": lp, "loc_ans": la}
-        for s, p, r, a, lp, la in FACTS
-    ]
-    path = tmp_path / "edits.json"
-    path.write_text(json.dumps(records))
-    return EditDataModule(str(path), tokenizer=tokenizer, batch_size=batch_size, val_fraction=val_fraction, seed=0)
-
-
-def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return Trainer(accelerator="cpu", default_root_dir=tmp_path, **quiet, **kwargs)
-
 
 def test_fast_dev_run(tiny_model, tokenizer, tmp_path):
     module = KEModule(model=tiny_model, editor=KEConfig(**SMALL), lr=1e-3, margin=1e-4, multiplier_init=1.0)
-    data = _data(tmp_path, tokenizer, batch_size=2, val_fraction=0.34)
-    trainer = _trainer(tmp_path, fast_dev_run=True)
+    data = facts_datamodule(tmp_path, tokenizer, batch_size=2, val_fraction=0.34)
+    trainer = quiet_trainer(tmp_path, fast_dev_run=True)
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     for key in ("train/loss", "train/edit_success", "train/rephrase_success", "train/locality", "train/loss_locality", "train/multiplier", "val/edit_success"):
@@ -267,13 +241,13 @@ def _edit_success(model, tokenizer, config, requests) -> float:
 def test_training_beats_the_untrained_network_and_the_export_reloads(tokenizer, tmp_path):
     model = build_gpt2(len(tokenizer))
     config = KEConfig(step_size=0.03, **SMALL)
-    data = _data(tmp_path, tokenizer, batch_size=1, val_fraction=0.0)
+    data = facts_datamodule(tmp_path, tokenizer, batch_size=1, val_fraction=0.0)
     data.setup("fit")
     requests = data.train_requests
     untrained = _edit_success(model, tokenizer, config, requests)
 
     module = KEModule(model=model, editor=config, lr=1e-2, margin=1.0, multiplier_init=0.1)
-    trainer = _trainer(tmp_path, max_steps=60, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=60, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     assert (tmp_path / "editor" / "editor.safetensors").is_file()  # written at the end of fitting
     exported = module.export(tmp_path / "exported")
@@ -325,7 +299,7 @@ def test_training_configs_build(name, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["train.py"])
-    path = Path(__file__).resolve().parents[1] / "configs" / "ke" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "ke" / f"{name}.yaml"
     cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     assert isinstance(cli.model, KEModule) and cli.model.config == KEConfig(step_size=cli.model.config.step_size)
     assert cli.model.config.architecture() == KEConfig().architecture()  # --editor.checkpoint alone loads the result

@@ -142,7 +142,7 @@ def test_second_moments_name_modules_that_never_run(tiny_model, tokenizer):
 
 
 def test_layer_statistics_cache_each_module_and_sample_only_when_needed(tokenizer, tmp_path, monkeypatch):
-    from conftest import build_llama
+    from helpers import build_llama
 
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
     model = build_llama(len(tokenizer))

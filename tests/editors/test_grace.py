@@ -159,7 +159,7 @@ def test_a_saved_edit_loads_where_its_editor_was_never_imported(tiny_model, toke
     edit.save(tmp_path / "e")
     edit.revert(tiny_model)
     code = f"import sys; from factedit.editors import Edit; edit = Edit.load({str(tmp_path / 'e')!r}); print(type(edit).__name__, 'factedit.editors.grace.editor' in sys.modules)"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["GRACEEdit", "True"]

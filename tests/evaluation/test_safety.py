@@ -15,7 +15,7 @@ from factedit.evaluation.compare.budget import headline
 from factedit.evaluation.general import GeneralConfig, MissingDataError, run_general, uses_chat_template
 from factedit.evaluation.general.data import prepare_local
 from factedit.evaluation.safety import REFUSAL_PHRASES, load_judge, refuses
-from test_general import write_safety_fixture
+from helpers.safety_data import write_safety_fixture
 
 
 @pytest.fixture(autouse=True)

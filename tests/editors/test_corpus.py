@@ -10,7 +10,7 @@ import pytest
 from factedit.editors import corpus
 from factedit.editors.corpus import CorpusError, model_samples, resolve_corpus
 from factedit.models import model_fingerprint
-from conftest import build_gpt2, build_llama, build_tokenizer
+from helpers import build_gpt2, build_llama, build_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from factedit.editors.learned import CheckpointError, read_checkpoint
 @pytest.fixture
 def tiny_run(tmp_path, tokenizer):
     """A one-step KE training config on a tiny LLaMA saved to disk, without a logger."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     model_dir = tmp_path / "tiny-llama"
     build_llama(len(tokenizer)).save_pretrained(model_dir)

@@ -19,7 +19,7 @@ from factedit.editors.registry import METHODS
 from factedit.evaluation.cli import build_parser, field_help, main
 from factedit.evaluation.config import MODES, EvalConfig, GeneralConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "torchmetrics", "lightning")
 
 GROUPS = ("editor", "eval", "general")

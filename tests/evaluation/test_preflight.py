@@ -23,7 +23,7 @@ LONG_PROMPT = "Xq zv " * 80 + "{} is located in"  # ~480 tokens: more than the t
 
 @pytest.fixture
 def gpt2_dir(tmp_path, tokenizer):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     directory = tmp_path / "tiny-gpt2"
     build_gpt2(len(tokenizer)).save_pretrained(directory)
@@ -140,7 +140,7 @@ def test_ft_layer_out_of_range_is_refused_before_scoring(gpt2_dir, data_file, tm
 
 
 def test_ft_accepts_negative_layers_counted_from_the_last(tokenizer, request_factory):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     model = build_gpt2(len(tokenizer))
     editor = get_editor("ft_m")()
@@ -150,7 +150,7 @@ def test_ft_accepts_negative_layers_counted_from_the_last(tokenizer, request_fac
 
 
 def test_statistics_samples_longer_than_the_context_are_clamped(tokenizer, isolated_cache):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     model = build_gpt2(len(tokenizer))  # 128 positions; ROME's default sample length is 128 tokens after the start token
     name = get_targets(model).layer("mlp_out", 1)
@@ -159,7 +159,7 @@ def test_statistics_samples_longer_than_the_context_are_clamped(tokenizer, isola
 
 
 def test_every_probe_is_checked_and_a_group_is_one_record(tokenizer, request_factory):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     from factedit.editors.base import QA
     from factedit.evaluation.preflight import requests_that_fit

@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from helpers.runs import as_suite
 from factedit.editors import get_editor
 from factedit.evaluation.cli import main
 from factedit.evaluation.run_dir import read_jsonl
@@ -70,7 +71,7 @@ class _Interrupting:
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])
 def test_interrupted_run_resumes_to_the_same_result(mode, tokenizer, request_factory, tmp_path):
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = _requests(request_factory)
     fresh_model = build_llama(len(tokenizer))
@@ -104,7 +105,7 @@ def test_torn_last_line_is_dropped(tmp_path):
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
-    from conftest import build_llama
+    from helpers import build_llama
 
     directory = tmp_path / "tiny-llama"
     build_llama(len(tokenizer)).save_pretrained(directory)
@@ -184,7 +185,7 @@ def test_cli_unknown_editor_and_missing_model(model_dir, counterfact_file, tmp_p
 def test_sequential_resume_prepares_on_the_unedited_model(tokenizer, request_factory, tmp_path, isolated_cache):
     """Key statistics and prefixes of a resumed sequential run come from the unedited model, not
     from the model carrying the re-applied edits."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = [request_factory(str(i), prompt="The mother tongue is Danielle Darrieux", target_new=t) for i, t in enumerate(["Paris", "Rome", "English"])]
     config = get_editor("rome").config_class(layer=1, v_steps=3, context_count=1, stats_samples=4, stats_max_length=8)
@@ -209,13 +210,6 @@ def _weights_probe(model, tokenizer, config):
     """A stand-in for the general suite: a number that moves when the weights move."""
     total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
     return {"probe": {"acc": total, "steps": float(len(config.tasks))}}
-
-
-def as_suite(scores):
-    """``run_general`` from a function giving the scores alone (no item scores)."""
-    from factedit.evaluation.general import GeneralRun
-
-    return lambda model, tokenizer, config: GeneralRun(scores=scores(model, tokenizer, config), items={}, costs={}, seconds=0.0)
 
 
 def test_edit_units_keep_groups_whole(request_factory):
@@ -256,7 +250,7 @@ def _seq(model, tokenizer, requests, out, editor=None, **kwargs):
 
 
 def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation import general as evaluation_general
     monkeypatch.setattr(evaluation_general, "run_general", as_suite(_weights_probe))
@@ -288,7 +282,7 @@ def test_sequential_checkpoints_score_retention_and_general(tokenizer, request_f
 
 
 def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation import general as evaluation_general
     calls = []
@@ -316,7 +310,7 @@ def test_sequential_checkpoints_resume_without_repeating(tokenizer, request_fact
 
 
 def test_batch_mode_scores_general_after_first_call_and_single_refuses(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation import general as evaluation_general
     monkeypatch.setattr(evaluation_general, "run_general", as_suite(_weights_probe))
@@ -334,7 +328,7 @@ def test_batch_mode_scores_general_after_first_call_and_single_refuses(tokenizer
 def test_group_is_edited_together_by_an_editor_that_cannot_batch(tokenizer, request_factory, tmp_path, isolated_cache):
     """A multi-hop case's rewrites are all applied before it is scored, also by ROME (one
     request per call), and all reverted afterwards."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = [request_factory(str(i), prompt=f"The mother tongue of Danielle Darrieux is {w}", target_new=t) for i, (w, t) in enumerate([("a", "Paris"), ("b", "Rome")])]
     if not hasattr(requests[0], "group"):
@@ -358,7 +352,7 @@ def test_group_is_edited_together_by_an_editor_that_cannot_batch(tokenizer, requ
 def test_half_written_edit_folder_is_ignored_on_resume(tokenizer, request_factory, tmp_path):
     """Edits are saved beside their folder and renamed into place: a folder left by an
     interruption during the save is not re-applied (nor does it stop the resume)."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     model = build_llama(len(tokenizer))
     requests = _requests(request_factory)
@@ -429,7 +423,7 @@ def test_summary_records_provenance(model_dir, counterfact_file, tmp_path):
 
 
 def test_cases_keep_decoded_predictions_and_saved_edits_their_provenance(tokenizer, request_factory, tmp_path):
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation.scoring import TOKEN_GROUPS
 
@@ -452,7 +446,7 @@ def test_cases_keep_decoded_predictions_and_saved_edits_their_provenance(tokeniz
 
 
 def test_tensorboard_shows_each_case_as_it_finishes(tokenizer, request_factory, tmp_path, monkeypatch):
-    from conftest import build_llama
+    from helpers import build_llama
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     from factedit.evaluation.board import RunBoard
@@ -511,7 +505,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(model_dir, coun
 def test_checkpoints_keep_item_scores_for_the_budget(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
     """Each checkpoint keeps the suite's item scores and chance levels; the unedited model's come
     back from the shared cache with its scores, so a second run's budget is tested the same way."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation import general as evaluation_general
     from factedit.evaluation.general import GeneralRun
@@ -534,7 +528,7 @@ def test_immediate_sequential_scoring_scores_each_case_after_its_own_edit(tokeni
     """``sequential_scoring="immediate"``: case k is scored on the model with edits 0..k (case 0
     as a single edit would be, the last case as in the final-model protocol); the last
     checkpoint still scores every case on the model carrying all edits."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = _requests(request_factory)
     _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "single")
@@ -558,7 +552,7 @@ def test_immediate_sequential_scoring_scores_each_case_after_its_own_edit(tokeni
 
 
 def test_immediate_scoring_resumes_where_it_stopped(tokenizer, request_factory, tmp_path, isolated_cache):
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = _requests(request_factory)
     _seq(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", checkpoints=[1], sequential_scoring="immediate")
@@ -575,7 +569,7 @@ def test_immediate_scoring_resumes_where_it_stopped(tokenizer, request_factory, 
 def test_immediate_scoring_scores_a_saved_but_unscored_edit_on_replay(tokenizer, request_factory, tmp_path, isolated_cache):
     """Stopped between saving an edit and scoring its case: the resumed run scores the case right
     after re-applying that edit, before the edits that follow it."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = _requests(request_factory)
     out = tmp_path / "run"
@@ -592,7 +586,7 @@ def test_immediate_scoring_scores_a_saved_but_unscored_edit_on_replay(tokenizer,
 def test_reference_join_always_adds_a_space(tokenizer, request_factory, tmp_path, isolated_cache):
     """``EvalConfig(join="reference")``: prompt + " " + target as EasyEdit and ROME write it, also
     for a target that starts with a space; the rule holds during the run only."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.editors.lm import encode_pair, join_text
 

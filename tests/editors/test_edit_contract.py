@@ -181,7 +181,7 @@ def test_revert_sees_a_sign_flip_of_zero(tiny_model):
 
 
 def test_saved_edit_records_its_model_and_refuses_another(tmp_path, tokenizer):
-    from conftest import build_gpt2, build_llama
+    from helpers import build_gpt2, build_llama
 
     model = build_gpt2(len(tokenizer))
     name = _name(model)
@@ -214,7 +214,7 @@ def _texts(request) -> dict:
 
 
 def test_saved_edit_records_its_requests_and_the_software(tmp_path, tokenizer, request_factory):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     from factedit.editors import get_editor
 

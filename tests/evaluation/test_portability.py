@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_request
+from helpers import make_request
 from factedit.datamodules.records import load_requests
 from factedit.editors.base import QA
 from factedit.evaluation.report import summary_table

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_gpt2, build_llama
+from helpers import build_gpt2, build_llama
 from factedit.editors import get_editor
 from factedit.editors.enn import ENNConfig
 from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
 from factedit.editors.targets import get_module, get_parameter_name, is_transposed
 from factedit.lit_modules.enn import ENNModule
-from test_ke import _data, _trainer  # the same six tiny facts and quiet trainer
+from helpers.training import facts_datamodule, quiet_trainer  # the same six tiny facts and quiet trainer
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -119,8 +119,8 @@ def test_outer_gradient_reaches_the_weights_and_the_step_sizes(tokenizer, reques
 
 def test_fast_dev_run(tiny_model, tokenizer, tmp_path):
     module = ENNModule(model=tiny_model, editor=ENNConfig(layers=[-1]), lr=1e-3, lr_lr=1e-1)
-    data = _data(tmp_path, tokenizer, batch_size=2, val_fraction=0.34)
-    trainer = _trainer(tmp_path, fast_dev_run=True)
+    data = facts_datamodule(tmp_path, tokenizer, batch_size=2, val_fraction=0.34)
+    trainer = quiet_trainer(tmp_path, fast_dev_run=True)
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     for key in ("train/loss", "train/edit_success", "train/rephrase_success", "train/locality", "train/loss_locality", "train/loss_base", "val/score"):
@@ -174,7 +174,7 @@ def _edit_success(model, tokenizer, config, requests) -> tuple[float, float]:
 def test_training_beats_the_untrained_editor_and_the_export_reloads(tokenizer, tmp_path):
     model = build_gpt2(len(tokenizer))
     settings = dict(layers=[-2, -1], n_edit_steps=1, edit_lr_init=0.02)  # too short a step to edit this model
-    data = _data(tmp_path, tokenizer, batch_size=2, val_fraction=0.0)
+    data = facts_datamodule(tmp_path, tokenizer, batch_size=2, val_fraction=0.0)
     data.setup("fit")
     requests = data.train_requests
     untrained = _edit_success(model, tokenizer, ENNConfig(**settings), requests)
@@ -182,7 +182,7 @@ def test_training_beats_the_untrained_editor_and_the_export_reloads(tokenizer, t
     module = ENNModule(model=model, editor=ENNConfig(**settings), lr=3e-3, lr_lr=1e-1, edit_weight=1.0)
     module.configure_model()
     loss_untrained = _outer_losses(module, data)
-    trainer = _trainer(tmp_path, max_steps=40, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=40, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     assert (tmp_path / "editor" / "editor.safetensors").is_file()  # written at the end of fitting
     loss_trained = _outer_losses(module, data)
@@ -242,7 +242,7 @@ def test_training_configs_build(name, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["train.py"])
-    path = Path(__file__).resolve().parents[1] / "configs" / "enn" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "enn" / f"{name}.yaml"
     cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     assert isinstance(cli.model, ENNModule)
     assert cli.model.config.architecture() == ENNConfig().architecture()  # --editor.checkpoint alone loads the result

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_request
+from helpers import make_request
 from factedit.editors.base import QA
 from factedit.editors.lm import encode_pair
 from factedit.evaluation.report import summary_table
@@ -335,7 +335,7 @@ def test_hook_editors_generate_alike_batched_alone_and_uncached(tiny_model, toke
     in a padded batch or alone, with the key-value cache or without any cache: its hooks have to
     follow the cache under whichever name the installed transformers passes it."""
     from factedit.editors import get_editor
-    from test_editors import TEST_SETTINGS
+    from helpers.editor_settings import TEST_SETTINGS
 
     request = make_request(target_new="Paris")
     editor = get_editor(name)

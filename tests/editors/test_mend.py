@@ -286,7 +286,7 @@ def _edit_success(model, tokenizer, requests, config) -> float:
 
 
 def test_training_beats_untrained_and_checkpoint_round_trips(tokenizer, zsre_file, tmp_path):
-    from conftest import build_llama
+    from helpers import build_llama
     from factedit.datamodules.records import load_requests
 
     model = build_llama(len(tokenizer))
@@ -354,7 +354,7 @@ def test_lightning_checkpoint_loads_without_unpickling(tiny_model, tokenizer, zs
 def test_resume_from_last_checkpoint_continues_the_run(tokenizer, zsre_file, tmp_path):
     """A run interrupted after its first epoch and resumed with ckpt_path='last' sees the same
     batches and ends with the same network as an uninterrupted run."""
-    from conftest import build_llama
+    from helpers import build_llama
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(epochs, root, ckpt_path=None):
@@ -397,7 +397,7 @@ def test_metrics_are_logged_per_step_and_per_epoch(tiny_model, tokenizer, zsre_f
 def test_ddp_on_two_cpu_processes(tokenizer, zsre_file, tmp_path):
     """Lightning's strategies work unchanged: two CPU processes train one network (gradients
     averaged), and the exported network is what rank 0 trained."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     module = MENDModule(build_llama(len(tokenizer)), MENDConfig(layers=[-1], rank=8, n_hidden=1), lr=1.0e-3)
     trainer = Trainer(

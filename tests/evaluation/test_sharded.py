@@ -23,7 +23,7 @@ REQUESTS = [
 
 
 def _run(out: str, mode: str, per_call: int) -> dict:
-    from conftest import build_llama, build_tokenizer, make_request
+    from helpers import build_llama, build_tokenizer, make_request
 
     from factedit.editors import get_editor
     from factedit.evaluation.runner import EditRun
@@ -86,7 +86,7 @@ def test_two_processes_equal_one(mode, per_call, tmp_path):
 
 
 def test_sequential_mode_refuses_to_shard(tmp_path, monkeypatch):
-    from conftest import build_llama, build_tokenizer, make_request
+    from helpers import build_llama, build_tokenizer, make_request
 
     from factedit.evaluation import runner as evaluation_runner
     from factedit.editors import get_editor

@@ -52,7 +52,7 @@ def _run(model, tokenizer, requests, out, mode="single", per_call=1, editor=None
 
 
 def _gpt2(tokenizer):
-    from conftest import build_gpt2
+    from helpers import build_gpt2
 
     return build_gpt2(len(tokenizer))  # n_positions=128
 
@@ -113,7 +113,7 @@ def _nan_edit_for(case_id):
 
 @pytest.mark.parametrize("mode,per_call,refused", [("single", 1, ["1"]), ("batch", 2, ["0", "1"]), ("sequential", 1, ["1"])])
 def test_refused_edit_is_recorded_and_the_other_edits_go_on(mode, per_call, refused, tokenizer, request_factory, tmp_path):
-    from conftest import build_llama
+    from helpers import build_llama
 
     model = build_llama(len(tokenizer))
     before = _params(model)
@@ -133,11 +133,11 @@ def test_refused_edit_is_recorded_and_the_other_edits_go_on(mode, per_call, refu
 
 
 def test_compare_reads_a_sequential_run_with_failed_cases(tokenizer, request_factory, tmp_path, monkeypatch, isolated_cache):
-    from conftest import build_llama
+    from helpers import build_llama
 
     from factedit.evaluation import general as evaluation_general
     from factedit.evaluation.general import GeneralConfig
-    from test_runner import as_suite
+    from helpers.runs import as_suite
 
     def probe(model, tokenizer, config):  # a stand-in for the general suite that moves with the weights
         return {"probe": {"acc": sum(float(p.detach().double().abs().sum()) for p in model.parameters())}}
@@ -155,7 +155,7 @@ def test_compare_reads_a_sequential_run_with_failed_cases(tokenizer, request_fac
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])
 def test_error_after_editing_is_recorded_and_the_model_reverted(mode, tokenizer, request_factory, tmp_path, monkeypatch):
-    from conftest import build_llama
+    from helpers import build_llama
 
     measured: list[str] = []
     real = runner.measure_case
@@ -188,7 +188,7 @@ def test_failed_lines_are_skipped_by_run_metrics(tokenizer, request_factory, tmp
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 def test_memory_errors_and_interrupts_still_stop_the_run(error, tokenizer, request_factory, tmp_path):
-    from conftest import build_llama
+    from helpers import build_llama
 
     def raise_error(model, requests):
         raise error()
@@ -203,7 +203,7 @@ def test_memory_errors_and_interrupts_still_stop_the_run(error, tokenizer, reque
 
 def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, tmp_path, monkeypatch):
     """The rewrites of a multi-hop case are edited together or not at all."""
-    from conftest import build_llama
+    from helpers import build_llama
 
     requests = _requests(request_factory)
     for request in requests[:2]:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from conftest import build_gpt2, build_llama, make_request
+from helpers import build_gpt2, build_llama, make_request
+from helpers.training import SERAC_TINY as TINY
+from helpers.training import train_serac
 from factedit.datamodules.edit_datamodule import EditDataModule
 from factedit.editors import Edit, EditError, get_editor
 from factedit.editors.base import QA
@@ -18,7 +20,6 @@ from factedit.editors.lm import collate_pairs, encode_pair, hidden_states, logit
 from factedit.editors.serac import SERAC, SERACConfig, SERACEdit, EditMemory, base_pass, route
 from factedit.lit_modules.serac import SERACModule
 
-TINY = dict(classifier_layer=1, embedding_dim=16, cf_layers=2)
 BUILD = {"gpt2": build_gpt2, "llama": build_llama}
 
 # (subject, question, rephrase, new answer): questions share templates, so the classifier must
@@ -401,25 +402,6 @@ def scores(model, tokenizer, requests, settings) -> dict[str, float]:
         hits["rephrase"] += int(after[1].argmax() == target)
         hits["locality"] += int(torch.equal(after[2], base[2]))
     return {k: v / len(requests) for k, v in hits.items()}
-
-
-def train_serac(model, tokenizer, requests, root: Path, epochs: int = 40) -> tuple[SERACModule, Path]:
-    """Train SERAC with TINY settings on ``requests`` for a few seconds; the module and the
-    exported checkpoint. (Shared editor checks can use it: untrained SERAC cannot make a random
-    model predict a target.)"""
-    records = [
-        {"subject": r.subject, "src": r.prompt, "rephrase": (r.rephrase_prompts or (r.prompt,))[0], "alt": r.target_new,
-         "answers": [r.target_true or ""], "loc": r.locality[0].prompt, "loc_ans": r.locality[0].answer}
-        for r in requests
-    ]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "requests.json").write_text(json.dumps(records))
-    module = SERACModule(model=model, editor=SERACConfig(**TINY), lr=3.0e-3, classifier_lr=3.0e-2)
-    data = EditDataModule(str(root / "requests.json"), tokenizer=tokenizer, batch_size=4, val_fraction=0.0, seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        quiet_trainer(root, max_epochs=epochs, enable_checkpointing=False, limit_val_batches=0).fit(module, data)
-    return module, root / "editor"
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

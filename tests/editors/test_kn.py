@@ -11,7 +11,7 @@ from factedit.editors.kn import KNConfig, LastPosition, integrated_gradients, se
 from factedit.editors.lm import encode_pair, hidden_states, unembed
 from factedit.editors.targets import get_module, get_targets, is_transposed, weight_as_out_in
 
-# Strong enough for the tiny random models (as in tests/test_editors.py).
+# Strong enough for the tiny random models (as in tests/editors/test_editors.py).
 SETTINGS = dict(lambda_new=100.0, max_neurons=10)
 
 

@@ -452,7 +452,7 @@ def test_dataset_round_trip(tmp_path, request_factory):
 # Real files (../shared/data)
 # --------------------------------------------------------------------------------------------
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"the real data folder {REAL_DATA} is absent")
 
 
