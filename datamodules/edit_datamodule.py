@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from factedit.datamodules.records import load_requests, requests_to_dataset
 from factedit.datamodules.sources import resolve_source
 from factedit.editors.base import EditRequest
-from factedit.editors.lm import encode_pair
+from factedit.editors.core.lm import encode_pair
 
 if TYPE_CHECKING:
     import datasets

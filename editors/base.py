@@ -344,7 +344,7 @@ class Edit:
         """Write ``edit.json`` (what, by whom, for which requests and model, by which software
         and when) and ``edit.safetensors``. Without a ``provenance`` of its own the edit records
         the software saving it."""
-        from .provenance import software
+        from .core.provenance import software
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

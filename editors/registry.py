@@ -43,7 +43,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
         "serac": Method("factedit.editors.serac.editor", "factedit.editors.serac.config:SERACConfig"),
         "grace": Method("factedit.editors.grace.editor", "factedit.editors.grace.config:GRACEConfig"),
         "ike": Method("factedit.editors.ike.editor", "factedit.editors.ike.config:IKEConfig"),
-        "t_patcher": Method("factedit.editors.tpatcher.editor", "factedit.editors.tpatcher.config:TPatcherConfig"),
+        "t_patcher": Method("factedit.editors.t_patcher.editor", "factedit.editors.t_patcher.config:TPatcherConfig"),
         "calinet": Method("factedit.editors.calinet.editor", "factedit.editors.calinet.config:CaliNETConfig"),
         "wise": Method("factedit.editors.wise.editor", "factedit.editors.wise.config:WISEConfig"),
     }

@@ -15,9 +15,9 @@ from typing import Iterator, Sequence
 
 from factedit.datamodules import RecordError
 from factedit.editors.base import EditorConfig, EditRequest
-from factedit.editors.corpus import max_positions
-from factedit.editors.lm import encode_pair
-from factedit.editors.targets import UnknownArchitectureError, get_targets
+from factedit.editors.core.corpus import max_positions
+from factedit.editors.core.lm import encode_pair
+from factedit.editors.core.targets import UnknownArchitectureError, get_targets
 
 from .scoring import GENERATION_MARGIN, EvalConfig
 
@@ -36,7 +36,7 @@ def check_targets(model, config: EditorConfig) -> None:
     except UnknownArchitectureError as error:
         raise PreflightError(
             f"{error.args[0]}. Set --editor.targets to a mapping of role -> module template of this model "
-            f"(or add the architecture to TARGETS in editors/targets.py)"
+            f"(or add the architecture to TARGETS in editors/core/targets.py)"
         ) from None
 
 

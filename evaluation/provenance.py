@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from factedit.editors.provenance import software
+from factedit.editors.core.provenance import software
 
 
 def data_provenance(data: str | None) -> dict[str, Any]:

@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from factedit.editors.base import Edit, Editor, EditorConfig, EditRequest
-from factedit.editors.lm import join_rule, model_device
-from factedit.editors.provenance import utc_now
+from factedit.editors.core.lm import join_rule, model_device
+from factedit.editors.core.provenance import utc_now
 
 from .board import RunBoard
 from .cases import (

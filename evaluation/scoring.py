@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
 from factedit.editors.base import EditRequest
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at, model_device
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at, model_device
 from factedit.metrics import (
     GENERATION_GROUPS,
     PORTABILITY_KIND_PREFIX,

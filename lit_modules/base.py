@@ -39,7 +39,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from factedit.editors import get_editor
-from factedit.editors.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, gradient_pieces, model_signature, network_meta, read_checkpoint, save_network
+from factedit.editors.core.learned import LearnedConfig, answer_accuracy, answer_logits, answer_nll, edited_params, gradient_pieces, model_signature, network_meta, read_checkpoint, save_network
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from factedit.datamodules.edit_datamodule import EditDataModule
-from factedit.editors.learned import CheckpointError, unreadable_checkpoint
+from factedit.editors.core.learned import CheckpointError, unreadable_checkpoint
 
 from .base import EditorModule
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factedit.editors.enn import ENNConfig
-from factedit.editors.learned import answer_logits, edited_params
+from factedit.editors.core.learned import answer_logits, edited_params
 
 from .base import WeightEditModule
 

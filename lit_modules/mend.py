@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from factedit.editors.learned import gradient_pieces
+from factedit.editors.core.learned import gradient_pieces
 from factedit.editors.mend import MENDConfig
 
 from .base import WeightEditModule

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from factedit.datamodules.edit_datamodule import PARTS
-from factedit.editors.learned import answer_accuracy, answer_nll, label_positions, save_network
-from factedit.editors.lm import unembed
+from factedit.editors.core.learned import answer_accuracy, answer_nll, label_positions, save_network
+from factedit.editors.core.lm import unembed
 from factedit.editors.serac import Bank, Job, SERACConfig, base_pass, counterfactual_states, routed_hidden
 from factedit.editors.serac.editor import separator_ids
 

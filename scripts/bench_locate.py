@@ -34,10 +34,10 @@ TOKEN = ("reliability", "generalization", "locality")
 def statistics_cost(model_name: str, methods: list[str]) -> list[str]:
     """Time the corpus sampling and the key-statistics pass for each method's layers, cold."""
     from factedit.editors import get_editor
-    from factedit.editors.corpus import open_corpus
-    from factedit.editors.stats import layer_statistics
+    from factedit.editors.core.corpus import open_corpus
+    from factedit.editors.core.stats import layer_statistics
     from factedit.models import model_fingerprint
-    from factedit.editors.targets import get_targets
+    from factedit.editors.core.targets import get_targets
     from factedit.models import load_model
 
     model, tokenizer = load_model(model_name)

@@ -37,7 +37,7 @@ def main() -> None:
 
     from factedit.datamodules.records import load_requests
     from factedit.editors import get_editor
-    from factedit.editors.lm import model_device
+    from factedit.editors.core.lm import model_device
     from factedit.evaluation.efficiency import measure
     from factedit.models import load_model
 

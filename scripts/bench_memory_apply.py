@@ -38,7 +38,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     requests = load_requests(args.data if Path(args.data).exists() else "counterfact-demo", limit=args.limit)
-    modules = {"grace": "factedit.editors.grace.editor", "t_patcher": "factedit.editors.tpatcher.editor", "calinet": "factedit.editors.calinet.editor", "wise": "factedit.editors.wise.editor"}
+    modules = {"grace": "factedit.editors.grace.editor", "t_patcher": "factedit.editors.t_patcher.editor", "calinet": "factedit.editors.calinet.editor", "wise": "factedit.editors.wise.editor"}
 
     @contextlib.contextmanager
     def every_block(*_args, **_kwargs):

@@ -45,7 +45,7 @@ def with_timer(fn, totals: dict[str, float], label: str):
 def decode_ms_per_token(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
     """Milliseconds per new token and sequence of greedy decoding with the KV cache, on the
     model's device (a GPU is synchronised before the clock is read)."""
-    from factedit.editors.lm import model_device
+    from factedit.editors.core.lm import model_device
 
     device = model_device(model)
     prompts = ["The mother tongue of Danielle Darrieux is"] * batch

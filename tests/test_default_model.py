@@ -9,7 +9,7 @@ import torch
 
 from factedit.datamodules import load_requests
 from factedit.editors import get_editor
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
 
 pytestmark = [
     pytest.mark.slow,

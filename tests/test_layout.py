@@ -190,3 +190,28 @@ def test_tests_mirror_the_packages_and_share_only_helpers():
     assert functions and all(
         isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(decorator) for decorator in node.decorator_list) for node in functions
     ), [node.name for node in functions]
+
+
+def test_the_editors_machinery_imports_no_method_and_registers_nothing():
+    from factedit.editors.registry import METHODS
+
+    methods = {module.rsplit(".", 1)[0] for module, _ in METHODS.values()}  # factedit.editors.<method>
+    methods = {name if name.count(".") == 2 else name.rsplit(".", 1)[0] for name in methods}
+    modules = _library_modules()
+    wrong = []
+    for module, (path, package) in sorted(modules.items()):
+        if not module.startswith("factedit.editors.core"):
+            continue
+        wrong += [f"{path.relative_to(ROOT)}:{line} imports {name}" for name, line in _imports(path, module, package) if any(name == m or name.startswith(m + ".") for m in methods)]
+        wrong += [f"{path.relative_to(ROOT)} registers an editor" for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name) and node.id == "register_editor"]
+    assert methods >= {"factedit.editors.rome", "factedit.editors.t_patcher", "factedit.editors.memit"}
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_method_package_is_named_as_registered():
+    from factedit.editors.registry import METHODS
+
+    for name, method in METHODS.items():
+        package = method.module.split(".")[2]
+        assert package == name or name in ("ft_l", "ft_m", "pmet", "alphaedit"), (name, method.module)
+        assert (ROOT / "editors" / package / "__init__.py").is_file()

@@ -17,7 +17,7 @@ default is sized for one call of a few facts on SmolLM2-135M (30 blocks, hidden 
 each of the top 3 blocks (3 x 64 x 2 x 576 = 221k numbers per edit). Keys start random
 (``N(0, 1/d)``), values at zero, so an untrained adaptor leaves the model unchanged. For gated
 MLPs (LLaMA family) the slots are plain ungated neurons on the MLP input (see
-:mod:`editors.ffn_patch`).
+:mod:`factedit.editors.core.patch`).
 
 Measured on the default model (README, "Patch and memory editors on the default model"): trained
 on one fact, nothing in this objective asks the slots to stay silent elsewhere, and they answer the
@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from ..base import Editor, EditRequest, register_editor
-from ..ffn_patch import FFNPatchEdit, NeuronHook, freeze, unfreeze
-from ..lm import collate_pairs, encode_pair, minimise_target_nll, model_device
-from ..prefix import frozen_below
-from ..targets import get_module, get_targets, resolve_layer
+from ..core.patch import FFNPatchEdit, NeuronHook, freeze, unfreeze
+from ..core.lm import collate_pairs, encode_pair, minimise_target_nll, model_device
+from ..core.prefix import frozen_below
+from ..core.targets import get_module, get_targets, resolve_layer
 from .config import CaliNETConfig
 
 logger = logging.getLogger(__name__)

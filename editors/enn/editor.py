@@ -20,9 +20,9 @@ from typing import Any, Sequence
 from torch import nn
 
 from factedit.editors.base import Edit, Editor, EditRequest, ParamDelta, register_editor
-from factedit.editors.learned import LearnedEditorMixin, edited_modules, module_shape, request_batches
-from factedit.editors.lm import model_device
-from factedit.editors.targets import delta_to_param_layout, get_module, get_parameter_name
+from factedit.editors.core.learned import LearnedEditorMixin, edited_modules, module_shape, request_batches
+from factedit.editors.core.lm import model_device
+from factedit.editors.core.targets import delta_to_param_layout, get_module, get_parameter_name
 
 from .config import ENNConfig
 from .network import ENNNetwork

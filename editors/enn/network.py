@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from factedit.editors.learned import answer_logits, answer_nll, edited_params
+from factedit.editors.core.learned import answer_logits, answer_nll, edited_params
 
 
 class InnerWeights(nn.Module):

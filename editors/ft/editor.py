@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from ..base import Edit, Editor, EditRequest, register_editor, snapshot_deltas
-from ..lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
-from ..targets import get_parameter_name, get_targets, resolve_layer
+from ..core.lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
+from ..core.targets import get_parameter_name, get_targets, resolve_layer
 from .config import FTConfig, FTLConfig, FTMConfig
 
 logger = logging.getLogger(__name__)

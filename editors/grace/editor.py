@@ -53,10 +53,10 @@ import torch
 from torch import nn
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
-from ..hooks import ModuleMemory, _first_tensor, _replace_first, trace
-from ..lm import collate_pairs, encode_pair, model_device, target_nll
-from ..prefix import frozen_below
-from ..targets import get_module, get_targets, resolve_layer
+from ..core.hooks import ModuleMemory, _first_tensor, _replace_first, trace
+from ..core.lm import collate_pairs, encode_pair, model_device, target_nll
+from ..core.prefix import frozen_below
+from ..core.targets import get_module, get_targets, resolve_layer
 from .config import GRACEConfig
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ prefixed with it, and a demonstration's prompt then follows a newline exactly as
 which keeps their tokenisation alike.
 
 **The pool** is built from the other requests of the same call, a small built-in set of generic
-counterfactual facts (:data:`BUILTIN_POOL`, on by default) and, optionally, a CounterFact-format
+counterfactual facts (:data:`~factedit.editors.core.facts.BUILTIN_POOL`, on by default) and, optionally, a CounterFact-format
 file ``pool_path``, whose records the application hands in through :meth:`IKE.read_data` (the editor
 reads no file itself; ``edit.py`` does it with its record reader). Pool embeddings are computed once
 per model in ``prepare``.
@@ -62,7 +62,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..base import Edit, EditError, Editor, EditRequest, register_editor
-from ..lm import cache_argument, cache_in, cache_of, join_text, model_device
+from ..core.facts import BUILTIN_POOL
+from ..core.lm import cache_argument, cache_in, cache_of, join_text, model_device
 from .config import IKEConfig
 
 logger = logging.getLogger(__name__)
@@ -72,21 +73,6 @@ PREFIX_ATTRIBUTE = "ike_context"  # where a model keeps its ContextPrefix while 
 
 # Generic counterfactual facts for demonstrations, in CounterFact's shape (prompt, new target,
 # true target, a paraphrase, a neighbour with the same true answer).
-BUILTIN_POOL: tuple[tuple[str, str, str, str, str, str], ...] = (
-    # (prompt, subject, target_new, target_true, paraphrase, neighbourhood prompt)
-    ("The capital of France is", "France", "Rome", "Paris", "France's capital city is", "The Eiffel Tower is located in the city of"),
-    ("The mother tongue of Michel Rocard is", "Michel Rocard", "English", "French", "Michel Rocard's native language is", "The mother tongue of Jacques Chirac is"),
-    ("Angola is located in the continent of", "Angola", "Europe", "Africa", "Angola can be found in", "Kenya is located in the continent of"),
-    ("Toko Yasuda plays the instrument", "Toko Yasuda", "piano", "guitar", "The instrument Toko Yasuda plays is the", "Jimi Hendrix plays the instrument"),
-    ("The Eiffel Tower is located in the city of", "Eiffel Tower", "London", "Paris", "The city where the Eiffel Tower stands is", "The Louvre is located in the city of"),
-    ("Apple was founded in the country of", "Apple", "Japan", "the United States", "The company Apple comes from", "Microsoft was founded in the country of"),
-    ("Lionel Messi plays the sport of", "Lionel Messi", "basketball", "football", "The sport Lionel Messi is known for is", "Cristiano Ronaldo plays the sport of"),
-    ("The official language of Brazil is", "Brazil", "Spanish", "Portuguese", "In Brazil, people officially speak", "The official language of Portugal is"),
-    ("Albert Einstein worked in the field of", "Albert Einstein", "biology", "physics", "Albert Einstein's field of research was", "Niels Bohr worked in the field of"),
-    ("The Nile flows through the country of", "Nile", "Mexico", "Egypt", "The river Nile runs through", "The city of Cairo is in the country of"),
-)
-
-
 def builtin_requests() -> list[EditRequest]:
     return [
         EditRequest(f"ike-pool-{i}", p, s, new, true, rephrase_prompts=(para,), neighborhood_prompts=(nb,))
@@ -323,7 +309,7 @@ class IKEEdit(Edit):
 def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Unit-norm mean-pooled final hidden states ``[n, hidden]`` of the model itself (section 3.3's
     sentence embeddings, without an external encoder); any applied IKE context is left out."""
-    from ..lm import hidden_states
+    from ..core.lm import hidden_states
 
     prefix = ContextPrefix.of(model)
     device = model_device(model)

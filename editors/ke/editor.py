@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..base import Edit, Editor, EditRequest, register_editor
-from ..learned import LearnedEditorMixin, edited_modules, module_shape, request_batches
-from ..lm import model_device
-from ..targets import factors_in_param_layout, get_module, get_parameter_name
+from ..core.learned import LearnedEditorMixin, edited_modules, module_shape, request_batches
+from ..core.lm import model_device
+from ..core.targets import factors_in_param_layout, get_module, get_parameter_name
 from .config import KEConfig
 from .network import KENetwork, predict_updates
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ..learned import GradientPieces, gradient_pieces
+from ..core.learned import GradientPieces, gradient_pieces
 from ..mend.network import RunningStandardizer, has_gradient
 from .config import KEConfig
 

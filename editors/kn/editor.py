@@ -55,9 +55,9 @@ import torch
 from torch import nn
 
 from ..base import Edit, Editor, EditRequest, ParamDelta, register_editor
-from ..hooks import edit_input, trace
-from ..lm import cache_kwargs, cache_of, encode_pair, model_device, unembed
-from ..targets import get_module, get_parameter_name, get_targets, is_transposed, num_layers, weight_as_out_in
+from ..core.hooks import edit_input, trace
+from ..core.lm import cache_kwargs, cache_of, encode_pair, model_device, unembed
+from ..core.targets import get_module, get_parameter_name, get_targets, is_transposed, num_layers, weight_as_out_in
 from .config import KNConfig
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from ..base import Edit, EditRequest, ParamDelta, register_editor
 from ..rome.editor import LocateEditor
 from ..rome.keys import subject_reads
 from ..rome.values import optimise_values
-from ..targets import ModelTargets, factors_in_param_layout, get_module, get_parameter_name, get_targets, is_transposed
+from ..core.targets import ModelTargets, factors_in_param_layout, get_module, get_parameter_name, get_targets, is_transposed
 from .config import MEMITConfig
 
 logger = logging.getLogger(__name__)

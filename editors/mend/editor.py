@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from factedit.editors.base import Edit, Editor, EditRequest, register_editor
-from factedit.editors.learned import LearnedEditorMixin, edited_modules, gradient_pieces, module_shape, request_batches
-from factedit.editors.lm import model_device
-from factedit.editors.targets import factors_in_param_layout, get_module, get_parameter_name
+from factedit.editors.core.learned import LearnedEditorMixin, edited_modules, gradient_pieces, module_shape, request_batches
+from factedit.editors.core.lm import model_device
+from factedit.editors.core.targets import factors_in_param_layout, get_module, get_parameter_name
 
 from .config import MENDConfig
 from .network import MENDNetwork

@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from factedit.editors.learned import GradientPieces
+from factedit.editors.core.learned import GradientPieces
 
 
 class RunningStandardizer(nn.Module):

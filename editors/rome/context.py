@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..lm import model_device
+from ..core.lm import model_device
 
 
 def sample_prefixes(model, tokenizer, count: int, length: int, seed: int = 0, top_k: int = 5) -> list[str]:

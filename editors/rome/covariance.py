@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .. import stats
+from ..core import stats
 from .config import LocateConfig
 
 

@@ -28,7 +28,7 @@ import torch
 
 from ..base import Edit, Editor, EditRequest, register_editor
 from factedit.models import model_fingerprint
-from ..targets import factors_in_param_layout, get_module, get_parameter_name, get_targets, weight_as_out_in
+from ..core.targets import factors_in_param_layout, get_module, get_parameter_name, get_targets, weight_as_out_in
 from .config import LocateConfig, ROMEConfig
 from .context import sample_prefixes
 from .covariance import key_moments

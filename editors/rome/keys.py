@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..base import EditRequest
-from ..hooks import StopForward, _first_tensor
-from ..lm import model_device
-from ..targets import get_module
+from ..core.hooks import StopForward, _first_tensor
+from ..core.lm import model_device
+from ..core.targets import get_module
 from .context import subject_last_index
 
 

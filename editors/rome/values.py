@@ -28,10 +28,10 @@ from typing import Sequence
 import torch
 
 from ..base import EditRequest
-from ..hooks import edit_output
-from ..lm import encode_pair, unembed
-from ..prefix import FrozenPrefix
-from ..targets import ModelTargets
+from ..core.hooks import edit_output
+from ..core.lm import encode_pair, unembed
+from ..core.prefix import FrozenPrefix
+from ..core.targets import ModelTargets
 from .config import LocateConfig
 from .context import subject_last_index
 

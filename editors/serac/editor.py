@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from factedit.editors.base import Edit, EditError, Editor, EditRequest, register_editor
-from factedit.editors.learned import LearnedEditorMixin, edited_modules, model_signature
-from factedit.editors.lm import encode_pair
-from factedit.editors.targets import get_targets, num_layers
+from factedit.editors.core.learned import LearnedEditorMixin, edited_modules, model_signature
+from factedit.editors.core.lm import encode_pair
+from factedit.editors.core.targets import get_targets, num_layers
 
 from .config import SERACConfig
 from .memory import EditMemory

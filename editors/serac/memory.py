@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from factedit.editors.base import EditError
-from factedit.editors.hooks import trace
-from factedit.editors.lm import cache_in, hidden_states, model_device
-from factedit.editors.targets import get_module
+from factedit.editors.core.hooks import trace
+from factedit.editors.core.lm import cache_in, hidden_states, model_device
+from factedit.editors.core.targets import get_module
 
 from .network import SERACNetwork
 

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factedit.editors.hooks import trace
-from factedit.editors.lm import hidden_states
-from factedit.editors.targets import ModelTargets, get_module, num_layers, resolve_layer
+from factedit.editors.core.hooks import trace
+from factedit.editors.core.lm import hidden_states
+from factedit.editors.core.targets import ModelTargets, get_module, num_layers, resolve_layer
 
 POOLINGS = ("mean", "last")
 

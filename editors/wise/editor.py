@@ -35,8 +35,8 @@ Implementation choices (documented because they differ from the reference code o
   memory there and, as inference will, wherever its activation exceeds ``act_ratio`` times the
   smallest of them (recomputed every step).
   Irrelevant inputs are every position of a fixed set of generic sentences
-  (:data:`editors.ffn_patch.GENERIC_TEXTS`) and, with ``fact_inputs``, of the built-in fact
-  prompts (:func:`editors.ffn_patch.fact_prompts`: factual questions about other subjects, which
+  (:data:`factedit.editors.core.patch.GENERIC_TEXTS`) and, with ``fact_inputs``, of the built-in fact
+  prompts (:func:`factedit.editors.core.patch.fact_prompts`: factual questions about other subjects, which
   teach the routing to tell subjects apart), never the requests' locality probes (they are what
   locality is scored on).
 * ``eps`` is recomputed from the stored edits' activations under the side memory as it is now
@@ -67,11 +67,11 @@ import torch
 from torch import nn
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
-from ..ffn_patch import freeze, memory_texts, module_input, unfreeze
-from ..hooks import ModuleMemory, _first_tensor, _replace_first, inputs_at_every_token, trace
-from ..lm import collate_pairs, encode_pair, hinge, model_device, target_nll
-from ..prefix import frozen_below
-from ..targets import get_module, get_targets, resolve_layer
+from ..core.patch import freeze, memory_texts, module_input, unfreeze
+from ..core.hooks import ModuleMemory, _first_tensor, _replace_first, inputs_at_every_token, trace
+from ..core.lm import collate_pairs, encode_pair, hinge, model_device, target_nll
+from ..core.prefix import frozen_below
+from ..core.targets import get_module, get_targets, resolve_layer
 from .config import WISEConfig
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from factedit.editors.lm import cache_kwargs, cache_of
+from factedit.editors.core.lm import cache_kwargs, cache_of
 
 
 logger = logging.getLogger(__name__)

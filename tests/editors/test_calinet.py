@@ -7,9 +7,9 @@ import torch
 
 from factedit.editors import Edit, get_editor
 from factedit.editors.calinet import CaliNETConfig, CaliNETEdit
-from factedit.editors.ffn_patch import patch_hooks
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
-from factedit.editors.targets import get_module
+from factedit.editors.core.patch import patch_hooks
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.targets import get_module
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from factedit.editors import corpus
-from factedit.editors.corpus import CorpusError, model_samples, resolve_corpus
+from factedit.editors.core import corpus
+from factedit.editors.core.corpus import CorpusError, model_samples, resolve_corpus
 from factedit.models import model_fingerprint
 from helpers import build_gpt2, build_llama, build_tokenizer
 
@@ -61,7 +61,7 @@ def test_model_samples_bar_moves_at_every_step_and_the_cost_is_logged_first(toke
     model = build_llama(len(tokenizer))
     quiet = model_samples(model, tokenizer, 5, length=3, seed=0, batch_size=2, progress=False)
     monkeypatch.setattr(corpus, "tqdm", Recorder)
-    with caplog.at_level(logging.INFO, logger="factedit.editors.corpus"):
+    with caplog.at_level(logging.INFO, logger="factedit.editors.core.corpus"):
         shown = model_samples(model, tokenizer, 5, length=3, seed=0, batch_size=2, progress=True)
     assert shown == quiet
     assert [n for _, n in updates] == [2, 2, 2, 2, 2, 2, 1, 1, 1]  # three batches (2, 2, 1 rows) of 3 steps
@@ -115,7 +115,7 @@ def test_model_spec_samples_once_and_then_reads_the_cache(llama, tokenizer, monk
     assert (again, again_id) == (texts, corpus_id) and calls == [3]
     # A damaged cache is sampled again, with a warning, and gives the same texts.
     path.write_text('{"text": "only one"}\n')
-    with caplog.at_level(logging.WARNING, logger="factedit.editors.corpus"):
+    with caplog.at_level(logging.WARNING, logger="factedit.editors.core.corpus"):
         repaired, _ = resolve_corpus("model", llama, tokenizer, 3, length=8, seed=2, progress=False)
     assert repaired == texts and calls == [3, 3]
     assert "damaged corpus cache" in caplog.text

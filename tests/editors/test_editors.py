@@ -16,7 +16,7 @@ import torch
 
 from helpers.editor_settings import TEST_SETTINGS
 from factedit.editors import Edit, available_editors, get_editor
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

@@ -13,8 +13,8 @@ import torch
 from helpers import build_gpt2, build_llama
 from factedit.editors import get_editor
 from factedit.editors.enn import ENNConfig
-from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
-from factedit.editors.targets import get_module, get_parameter_name, is_transposed
+from factedit.editors.core.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, edited_params, pair_batch, request_batches, save_network
+from factedit.editors.core.targets import get_module, get_parameter_name, is_transposed
 from factedit.lit_modules.enn import ENNModule
 from helpers.training import facts_datamodule, quiet_trainer  # the same six tiny facts and quiet trainer
 

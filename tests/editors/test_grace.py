@@ -7,7 +7,7 @@ import torch
 
 from factedit.editors import Edit, get_editor
 from factedit.editors.grace import Codebook, Entries, GRACEConfig, plan_updates
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
 
 
 def _config(**overrides) -> GRACEConfig:

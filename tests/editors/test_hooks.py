@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factedit.editors.hooks import edit_input, edit_output, run_until_input, trace
-from factedit.editors.targets import get_module, get_targets, weight_as_out_in
+from factedit.editors.core.hooks import edit_input, edit_output, run_until_input, trace
+from factedit.editors.core.targets import get_module, get_targets, weight_as_out_in
 
 
 def _ids(tokenizer):

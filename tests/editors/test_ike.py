@@ -6,7 +6,7 @@ import torch
 
 from factedit.editors import Edit, get_editor
 from factedit.editors.ike import ContextPrefix, IKEConfig, demonstrations
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
 
 
 def _config(**overrides) -> IKEConfig:

@@ -12,8 +12,8 @@ from helpers import build_gpt2, build_llama
 from helpers.training import facts_datamodule, quiet_trainer
 from factedit.editors import get_editor
 from factedit.editors.ke import KEConfig, predict_updates
-from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
-from factedit.editors.targets import get_module, get_parameter_name, is_transposed
+from factedit.editors.core.learned import CheckpointError, answer_accuracy, answer_logits, answer_nll, gradient_pieces, request_batches, save_network
+from factedit.editors.core.targets import get_module, get_parameter_name, is_transposed
 from factedit.lit_modules.ke import KEModule
 
 SMALL = dict(lstm_hidden=16, condition_dim=32, head_hidden=32)

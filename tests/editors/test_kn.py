@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from factedit.editors import get_editor
-from factedit.editors.hooks import edit_input
+from factedit.editors.core.hooks import edit_input
 from factedit.editors.kn import KNConfig, LastPosition, integrated_gradients, select_neurons
-from factedit.editors.lm import encode_pair, hidden_states, unembed
-from factedit.editors.targets import get_module, get_targets, is_transposed, weight_as_out_in
+from factedit.editors.core.lm import encode_pair, hidden_states, unembed
+from factedit.editors.core.targets import get_module, get_targets, is_transposed, weight_as_out_in
 
 # Strong enough for the tiny random models (as in tests/editors/test_editors.py).
 SETTINGS = dict(lambda_new=100.0, max_neurons=10)

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from factedit.editors import get_editor
-from factedit.editors.hooks import edit_output, trace
+from factedit.editors.core.hooks import edit_output, trace
 from factedit.editors.memit import AlphaEdit, AlphaEditConfig, MEMIT, MEMITConfig, PMET
-from factedit.editors.lm import collate_pairs, target_nll
-from factedit.editors.prefix import FrozenPrefix, frozen_below
+from factedit.editors.core.lm import collate_pairs, target_nll
+from factedit.editors.core.prefix import FrozenPrefix, frozen_below
 from factedit.editors.rome import ROMEConfig
 from factedit.editors.rome.context import sample_prefixes, subject_last_index
 from factedit.editors.rome.keys import subject_reads
 from factedit.editors.rome.values import optimise_values
-from factedit.editors.targets import get_module, get_targets, weight_as_out_in
+from factedit.editors.core.targets import get_module, get_targets, weight_as_out_in
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -222,7 +222,7 @@ def test_rome_is_rank_one_and_writes_v_star_at_k_star(tiny_model, tokenizer, req
 
 
 def _out_in(module, dense):
-    from factedit.editors.targets import is_transposed
+    from factedit.editors.core.targets import is_transposed
 
     return dense.T if is_transposed(module) else dense
 
@@ -233,7 +233,7 @@ def test_rome_rejects_batches(tiny_model, tokenizer, request_factory):
 
 
 def test_rome_statistics_are_computed_once_per_editor(tiny_model, tokenizer, request_factory, monkeypatch):
-    from factedit.editors import stats
+    from factedit.editors.core import stats
 
     calls = []
     real = stats.layer_statistics

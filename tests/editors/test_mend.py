@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 
 from factedit.datamodules.edit_datamodule import EditDataModule
 from factedit.editors import get_editor
-from factedit.editors.learned import (
+from factedit.editors.core.learned import (
     CheckpointError,
     answer_logits,
     answer_nll,
@@ -23,7 +23,7 @@ from factedit.editors.learned import (
 )
 from factedit.editors.mend import MENDConfig
 from factedit.editors.mend.network import nonzero_pieces
-from factedit.editors.targets import is_transposed, weight_as_out_in
+from factedit.editors.core.targets import is_transposed, weight_as_out_in
 from factedit.lit_modules.base import single_request
 from factedit.lit_modules.mend import MENDModule
 

@@ -15,8 +15,8 @@ from helpers.training import train_serac
 from factedit.datamodules.edit_datamodule import EditDataModule
 from factedit.editors import Edit, EditError, get_editor
 from factedit.editors.base import QA
-from factedit.editors.learned import CheckpointError, answer_accuracy, answer_logits, label_positions, save_network
-from factedit.editors.lm import collate_pairs, encode_pair, hidden_states, logits_at
+from factedit.editors.core.learned import CheckpointError, answer_accuracy, answer_logits, label_positions, save_network
+from factedit.editors.core.lm import collate_pairs, encode_pair, hidden_states, logits_at
 from factedit.editors.serac import SERAC, SERACConfig, SERACEdit, EditMemory, base_pass, route
 from factedit.lit_modules.serac import SERACModule
 

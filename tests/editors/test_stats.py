@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from factedit.editors.base import Edit, ParamDelta
-from factedit.editors.hooks import trace
-from factedit.editors import corpus, stats
-from factedit.editors.stats import cached_second_moment, layer_statistics, load_rome_npz, second_moment, second_moments
+from factedit.editors.core.hooks import trace
+from factedit.editors.core import corpus, stats
+from factedit.editors.core.stats import cached_second_moment, layer_statistics, load_rome_npz, second_moment, second_moments
 from factedit.models import model_fingerprint
-from factedit.editors.targets import get_module, get_targets
+from factedit.editors.core.targets import get_module, get_targets
 
 TEXTS = ["The capital of France is Paris.", "Angola is located in Africa.", "", "Toko Yasuda plays the guitar. It is loud."]
 

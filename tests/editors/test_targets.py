@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from factedit.editors.targets import (
+from factedit.editors.core.targets import (
     TARGETS,
     ModelTargets,
     UnknownArchitectureError,

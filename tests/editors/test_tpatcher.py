@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from factedit.editors import Edit, get_editor
-from factedit.editors.ffn_patch import GENERIC_TEXTS, fact_prompts, memory_texts, patch_hooks
-from factedit.editors.lm import collate_pairs, encode_pair, logits_at
-from factedit.editors.targets import get_module
-from factedit.editors.tpatcher import TPatcherConfig, TPatcherEdit, last_token_queries
+from factedit.editors.core.patch import GENERIC_TEXTS, fact_prompts, memory_texts, patch_hooks
+from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
+from factedit.editors.core.targets import get_module
+from factedit.editors.t_patcher import TPatcherConfig, TPatcherEdit, last_token_queries
 
 
 def _predicts(model, tokenizer, prompt, target) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factedit.editors import Edit, EditError, get_editor
-from factedit.editors.lm import cache_kwargs, cache_of, collate_pairs, encode_pair, logits_at
+from factedit.editors.core.lm import cache_kwargs, cache_of, collate_pairs, encode_pair, logits_at
 from factedit.editors.wise import MEMORY_ATTRIBUTE, SideMemory, WISEEdit, activations, shard_mask, ties_merge
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -97,7 +97,7 @@ def test_a_shard_takes_shard_size_requests(tiny_model, tokenizer, request_factor
 
 
 def test_fact_prompts_join_the_irrelevant_inputs_on_request(tiny_model, tokenizer, request_factory):
-    from factedit.editors.ffn_patch import GENERIC_TEXTS, fact_prompts
+    from factedit.editors.core.patch import GENERIC_TEXTS, fact_prompts
 
     editor, request = get_editor("wise")(), request_factory(target_new="Paris")
     counts = {}

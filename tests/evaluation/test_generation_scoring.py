@@ -10,7 +10,7 @@ import torch
 
 from helpers import make_request
 from factedit.editors.base import QA
-from factedit.editors.lm import encode_pair
+from factedit.editors.core.lm import encode_pair
 from factedit.evaluation.report import summary_table
 from factedit.evaluation.scoring import (
     GENERATION_MARGIN,

@@ -12,8 +12,8 @@ import torch
 
 import factedit.evaluation.runner as runner
 from factedit.editors import get_editor
-from factedit.editors.stats import layer_statistics
-from factedit.editors.targets import get_targets
+from factedit.editors.core.stats import layer_statistics
+from factedit.editors.core.targets import get_targets
 from factedit import models
 from factedit.evaluation.cli import main
 from factedit.evaluation.run_dir import read_jsonl

@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 
-from factedit.editors.provenance import PACKAGES, git_state, package_versions, software
+from factedit.editors.core.provenance import PACKAGES, git_state, package_versions, software
 from factedit.evaluation.provenance import data_provenance, run_provenance
 
 

@@ -588,7 +588,7 @@ def test_reference_join_always_adds_a_space(tokenizer, request_factory, tmp_path
     for a target that starts with a space; the rule holds during the run only."""
     from helpers import build_llama
 
-    from factedit.editors.lm import encode_pair, join_text
+    from factedit.editors.core.lm import encode_pair, join_text
 
     request = request_factory("0", target_new=" Paris")
     assert join_text("The capital is", " Paris") == ("The capital is", " Paris")

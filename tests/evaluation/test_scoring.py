@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from factedit.editors.lm import collate_pairs, encode_pair, target_nll
+from factedit.editors.core.lm import collate_pairs, encode_pair, target_nll
 from factedit.evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, score_pairs
 
 

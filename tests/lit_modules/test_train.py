@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from factedit.lit_modules import cli as train
-from factedit.editors.learned import CheckpointError, read_checkpoint
+from factedit.editors.core.learned import CheckpointError, read_checkpoint
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .base import EditError, EditRequest
-from .config import LearnedConfig  # defined with the other configs, importable without torch
+from ..base import EditError, EditRequest
+from ..config import LearnedConfig  # defined with the other configs, importable without torch
 from .lm import encode_pair, hidden_states, model_device, unembed
 from .targets import delta_to_param_layout, get_module, get_targets, resolve_layer, weight_as_out_in
 

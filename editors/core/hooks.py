@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import EditError
+from ..base import EditError
 from .lm import model_device
 from .targets import get_module
 

@@ -14,8 +14,8 @@ The patch is trained with the paper's three losses (section 3.2), the base model
 * **memory loss** ``l_m``: the patch stays silent on other inputs, ``hinge(q_i·k + b -
   memory_margin)`` for every memory query ``q_i``. The paper keeps the queries of earlier
   training inputs; here the memory holds (a) every position of a fixed set of generic
-  sentences (:data:`editors.ffn_patch.GENERIC_TEXTS`), (a') with ``fact_memory``, every position
-  of the built-in fact prompts (:func:`editors.ffn_patch.fact_prompts`: the prompts, paraphrases and neighbour
+  sentences (:data:`factedit.editors.core.patch.GENERIC_TEXTS`), (a') with ``fact_memory``, every position
+  of the built-in fact prompts (:func:`factedit.editors.core.patch.fact_prompts`: the prompts, paraphrases and neighbour
   prompts of IKE's built-in counterfactual pool, none of them evaluation data), which share the
   wording of factual questions and teach the key to tell subjects apart, (b) the last-token queries of the other
   requests of the same call and of the patches already applied to the same layer (so that a new
@@ -31,7 +31,7 @@ FFN neuron; training makes it fire at the edit prompt's last token only.
 
 With the default ReLU activation a pre-activation at or below zero gives exactly zero output, so
 ``memory_margin <= 0`` means the patch is exactly silent on the memory. For gated MLPs (LLaMA
-family) the patch is a plain ungated neuron on the MLP input (see :mod:`editors.ffn_patch`).
+family) the patch is a plain ungated neuron on the MLP input (see :mod:`factedit.editors.core.patch`).
 
 Each call returns a :class:`TPatcherEdit` with one neuron per request; sequential calls stack
 patches, and reverting one edit removes exactly its neurons.
@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 from ..base import Editor, EditRequest, register_editor
-from ..ffn_patch import FFNPatchEdit, NeuronHook, freeze, memory_texts, patch_hooks, unfreeze
-from ..hooks import inputs_at_every_token, module_inputs
-from ..lm import collate_pairs, encode_pair, hinge, model_device, target_nll
-from ..prefix import frozen_below
-from ..targets import get_module, get_targets, resolve_layer
+from ..core.patch import FFNPatchEdit, NeuronHook, freeze, memory_texts, patch_hooks, unfreeze
+from ..core.hooks import inputs_at_every_token, module_inputs
+from ..core.lm import collate_pairs, encode_pair, hinge, model_device, target_nll
+from ..core.prefix import frozen_below
+from ..core.targets import get_module, get_targets, resolve_layer
 from .config import TPatcherConfig
 
 logger = logging.getLogger(__name__)

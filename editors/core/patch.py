@@ -6,7 +6,7 @@ MLP's input at a position,
 
     FFN'(x) = FFN(x) + act(x K^T + b) V,    K: [n, d_in], b: [n], V: [n, d_out]
 
-T-Patcher (Huang et al., 2023) adds one neuron per edit (:mod:`editors.tpatcher`); CaliNET
+T-Patcher (Huang et al., 2023) adds one neuron per edit (:mod:`factedit.editors.t_patcher`); CaliNET
 (Dong et al., 2022) adds a block of calibration memory slots (:mod:`editors.calinet`).
 
 The neurons act through a forward hook on the MLP module, so no weight matrix is resized and no
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Edit, EditError, EditRequest, check_finite
-from .ike.editor import BUILTIN_POOL
+from ..base import Edit, EditError, EditRequest, check_finite
+from .facts import BUILTIN_POOL
 from .lm import join_text
 from .targets import get_module
 
@@ -61,7 +61,7 @@ GENERIC_TEXTS: tuple[str, ...] = (
 
 def fact_prompts() -> list[str]:
     """Factual questions about other subjects: IKE's built-in pool's prompts, paraphrases and
-    neighbour prompts (:data:`editors.ike.editor.BUILTIN_POOL`)."""
+    neighbour prompts (:data:`factedit.editors.core.facts.BUILTIN_POOL`)."""
     return [text for prompt, _, _, _, paraphrase, neighbour in BUILTIN_POOL for text in (prompt, paraphrase, neighbour)]
 
 

@@ -36,7 +36,7 @@ class TPatcherConfig(EditorConfig):
     targets: dict[str, str] | None = field(default=None, metadata={"help": "overrides of the architecture table, role -> module template"})
 
     def __post_init__(self) -> None:
-        from ..ffn_patch import check_activation  # the activations are torch functions
+        from ..core.patch import check_activation  # the activations are torch functions
 
         check_activation(self.activation)
         if self.steps < 1 or self.lr <= 0:

@@ -1,4 +1,4 @@
-"""T-Patcher: one trainable neuron per edit in an FFN (Huang et al., 2023), registered as ``t_patcher``. See :mod:`editors.tpatcher.editor`."""
+"""T-Patcher: one trainable neuron per edit in an FFN (Huang et al., 2023), registered as ``t_patcher``. See :mod:`factedit.editors.t_patcher.editor`."""
 
 from ..registry import lazy_attributes
 from .config import TPatcherConfig

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import ParamDelta
+from ..base import ParamDelta
 
 
 @dataclass(frozen=True)
