@@ -24,6 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from factedit.files import cache_root
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -128,10 +130,7 @@ def cache_dir() -> Path:
     ``$FACTEDIT_CACHE`` is the project's cache root (models are cached beside the data);
     ``$XDG_CACHE_HOME`` replaces ``~/.cache`` when it is set.
     """
-    root = os.environ.get("FACTEDIT_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "factedit")
-    return Path(root).expanduser() / "data"
+    return cache_root() / "data"
 
 
 def bundled_dir() -> Path:

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from factedit.models import cache_dir, model_fingerprint
+from factedit.files import cache_root, write_text_atomically
+from factedit.models import model_fingerprint
 
 from .compare.scores import case_values, standard_error
 from .run_dir import RunDir
@@ -46,7 +46,7 @@ def unedited_general_path(model: torch.nn.Module, tokenizer: Any, suite: General
         sort_keys=True,
         default=str,
     )
-    return cache_dir() / "general-unedited" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return cache_root() / "general-unedited" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def checkpoint_line(model: torch.nn.Module, tokenizer: Any, suite: GeneralConfig | None, edits: int, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
@@ -75,10 +75,7 @@ def checkpoint_line(model: torch.nn.Module, tokenizer: Any, suite: GeneralConfig
             run = run_general(model, tokenizer, suite)
             saved = {"scores": run.scores, "item_scores": run.item_scores, "chance": run.chance}
             if stored is not None:
-                stored.parent.mkdir(parents=True, exist_ok=True)
-                staging = stored.with_suffix(f".{os.getpid()}.tmp")
-                staging.write_text(json.dumps(saved))
-                os.replace(staging, stored)
+                write_text_atomically(stored, json.dumps(saved))
         general = saved["scores"]
         paired = {key: saved[key] for key in ("item_scores", "chance") if saved[key]}
         general_seconds = time.perf_counter() - tick

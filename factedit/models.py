@@ -12,13 +12,14 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .files import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ class ModelLoadError(RuntimeError):
 
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FACTEDIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "factedit")
-    return Path(root)
 
 
 def bundled_gguf_path(name: str) -> Path:
@@ -84,7 +80,7 @@ def _dequantized_cache(gguf: Path, label: str) -> Path:
     """Dequantize ``gguf`` once and cache it as a safetensors model folder; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{label}-{_file_key(gguf)}"
+    target = cache_root() / "models" / f"{label}-{_file_key(gguf)}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     logger.info("dequantizing %s once (tens of seconds); caching the result in %s", gguf.name, target)

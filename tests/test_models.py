@@ -34,8 +34,3 @@ def test_bad_paths_are_named(tmp_path):
         models.load_model(str(tmp_path))
     with pytest.raises(models.ModelLoadError, match="GGUF file not found"):
         models.load_model(str(tmp_path / "missing.gguf"))
-
-
-def test_cache_dir_honours_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path

@@ -28,15 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
+
+from factedit.files import cache_root, write_text_atomically
 
 from .lm import cache_kwargs, cache_of, model_device
 
@@ -58,12 +58,6 @@ class CorpusSource:
 
     id: str
     load: Callable[[], list[str]]
-
-
-def cache_root() -> Path:
-    """``$FACTEDIT_CACHE``, else ``$XDG_CACHE_HOME/factedit``, else ``~/.cache/factedit``."""
-    root = os.environ.get("FACTEDIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "factedit")
-    return Path(root)
 
 
 # -- sampling from the model -------------------------------------------------------------------
@@ -154,25 +148,12 @@ def _read_samples(path: Path, n_texts: int) -> list[str] | None:
         return None
 
 
-def _write_atomically(path: Path, content: str) -> None:
-    """Write ``content`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(content)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def _cached_samples(model, tokenizer, fingerprint: str, n_texts: int, length: int, seed: int, progress: bool) -> list[str]:
     path = _samples_path(fingerprint, n_texts, length, seed)
     texts = _read_samples(path, n_texts)
     if texts is None:
         texts = model_samples(model, tokenizer, n_texts, length=length, seed=seed, progress=progress)
-        _write_atomically(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+        write_text_atomically(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     return texts
 
 

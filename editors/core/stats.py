@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -32,9 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from factedit.files import atomic_path, cache_root
 from factedit.models import model_fingerprint
 
-from .corpus import cache_root, max_positions, open_corpus
+from .corpus import max_positions, open_corpus
 from .hooks import StopForward, trace
 from .lm import model_device
 from .targets import get_module
@@ -215,15 +214,8 @@ class _Entry:
 
     def write(self, stats: SecondMoment) -> None:
         """Store atomically: a temporary file beside the entry, renamed into place."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=self.path.name, dir=self.path.parent)
-        os.close(handle)
-        try:
-            save_file({"total": stats.total.contiguous(), "count": torch.tensor(stats.count)}, temporary, metadata=self.metadata)
-            os.replace(temporary, self.path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        with atomic_path(self.path) as temporary:
+            save_file({"total": stats.total.contiguous(), "count": torch.tensor(stats.count)}, str(temporary), metadata=self.metadata)
 
 
 def cached_second_moment(

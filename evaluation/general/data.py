@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
+
+from factedit.files import write_text_atomically
 
 from ..config import GeneralConfig
 from ..safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge
@@ -76,12 +77,7 @@ def _derived_file(name: str, paths: list[Path], read: Callable[..., list[dict]],
     docs = read(*paths)
     if not docs:
         raise ValueError(f"general task {name!r}: no items found in {', '.join(map(str, paths))}")
-    cache.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cache, prefix=target.name, suffix=".tmp", delete=False)
-    with handle:
-        for doc in docs:
-            handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    os.replace(handle.name, target)
+    write_text_atomically(target, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
     logger.info("general: wrote %s (%d documents) from %s", target, len(docs), ", ".join(map(str, paths)))
     return target, docs
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from factedit.models import cache_dir
+from factedit.files import cache_root
 
 from ..config import GENERAL_SOURCES as SOURCES
 from ..config import GeneralConfig, check_tasks
@@ -206,7 +206,7 @@ def run_general(model: torch.nn.Module, tokenizer: Any, config: GeneralConfig) -
 
     if config.source == "local":
         data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
-        cache = cache_dir() / "general"
+        cache = cache_root() / "general"
         prepared = {name: prepare_local(name, config, data_dir, cache) for name in config.tasks}
         lm_eval_names = {name: name for name in config.tasks}
         task_specs: list[Any] = [prepared[name].config for name in config.tasks]

@@ -24,13 +24,6 @@ def llama(tokenizer):
     return build_llama(len(tokenizer))
 
 
-def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
-    assert corpus.cache_root() == tmp_path / "cache"
-    monkeypatch.delenv("FACTEDIT_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert corpus.cache_root() == tmp_path / "xdg" / "factedit"
-
-
 @pytest.mark.parametrize("build", [build_gpt2, build_llama])
 def test_model_samples_are_reproducible_per_seed(build, tokenizer):
     model = build(len(tokenizer))
