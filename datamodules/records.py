@@ -93,21 +93,6 @@ def parse_records(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<
     return requests
 
 
-def parse_record(raw: RawRecord, format: str, path: str | os.PathLike[str] = "<records>") -> EditRequest:
-    """Turn one raw record of a one-request-per-record format into an :class:`EditRequest`.
-
-    Raises :class:`RecordError` for a bad record and ``ValueError`` for a valid record that asks
-    for several edits (MQuAKE): use :func:`parse_records` for those.
-    """
-    requests = parse_records(raw, format, path)
-    if len(requests) != 1:
-        raise ValueError(
-            f"{path}: record {raw.index} gives {len(requests)} edit requests ({format} records may ask for several edits); "
-            f"use parse_records"
-        )
-    return requests[0]
-
-
 def _problems(fields: dict[str, Any]) -> list[tuple[str, str]]:
     """:meth:`EditRequest.check_fields` for fields that do not make a valid request."""
     return EditRequest.check_fields(fields)

@@ -422,7 +422,7 @@ class RunMetrics:
         return list(fixed) + sorted(name for name in self.stages[stage] if name not in fixed)
 
     def summary(self) -> dict[str, float]:
-        """Flat summary: the issue's keys, ``pre_``-prefixed before editing; absent when not measured."""
+        """Flat summary: every score's key, ``pre_``-prefixed before editing; absent when not measured."""
         flat: dict[str, float] = {}
         sharded = _distributed()
         for stage, metrics in self.stages.items():

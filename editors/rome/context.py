@@ -8,7 +8,6 @@ subject's last token in each tokenized text.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
@@ -65,6 +64,3 @@ def subject_last_index(tokenizer, text: str, subject: str, start: int = 0) -> in
     return len(tokenizer(text[: last_char + 1])["input_ids"]) - 1
 
 
-def prefixed(prefixes: Sequence[str], prompt: str) -> list[tuple[str, int]]:
-    """Each prefix joined to ``prompt``, with the character offset where the prompt starts."""
-    return [(prefix + prompt, len(prefix)) for prefix in prefixes]

@@ -19,7 +19,6 @@ from factedit.datamodules.records import (
     dataset_to_requests,
     detect_format,
     load_requests,
-    parse_record,
     parse_records,
     requests_to_dataset,
     validate_records,
@@ -127,9 +126,7 @@ def test_detection_and_parse_functions():
     assert detect_format(cf_like) == "mquake"  # a list of rewrites is MQuAKE's
     raw = RawRecord(0, None, mquake_record())
     assert [r.case_id for r in parse_records(raw, "mquake")] == ["7/0", "7/1"]
-    with pytest.raises(ValueError, match="2 edit requests.*parse_records"):
-        parse_record(raw, "mquake")
-    assert parse_record(RawRecord(0, None, single_record()), "mquake").case_id == "8/0"
+    assert [r.case_id for r in parse_records(RawRecord(0, None, single_record()), "mquake")] == ["8/0"]
 
 
 def test_group_is_validated_and_round_trips_through_datasets(tmp_path):
