@@ -5,8 +5,8 @@ output projection) and replace what flows out of it (ROME's value optimisation a
 an MLP's output at one position). Both are done here with forward hooks that are removed when
 the ``with`` block ends, also when it ends with an exception, so a model is never left hooked.
 
-    with trace(model, ["model.layers.3.mlp.down_proj"], inputs=True) as traced:
-        model(**batch)
+    with trace(model, ["model.layers.3.mlp.down_proj"], inputs=True, stop=True) as traced:
+        model(**batch)                                         # stops after that module
     keys = traced["model.layers.3.mlp.down_proj"].input      # [batch, seq, d_in]
 
     with edit_output(model, "model.layers.3.mlp", lambda out: out + delta):
@@ -36,7 +36,7 @@ class Traced:
     calls: int = 0
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def first_tensor(value: Any) -> torch.Tensor:
     """A module's main tensor: the value itself, or the first element of a tuple output."""
     if isinstance(value, torch.Tensor):
         return value
@@ -45,7 +45,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in a module input/output of type {type(value).__name__}")
 
 
-def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
+def replace_first(value: Any, tensor: torch.Tensor) -> Any:
     if isinstance(value, torch.Tensor):
         return tensor
     return type(value)((tensor, *value[1:]))
@@ -53,11 +53,15 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
 
 @contextlib.contextmanager
 def trace(
-    model: nn.Module, module_names: Sequence[str], inputs: bool = True, outputs: bool = False, detach: bool = True
+    model: nn.Module, module_names: Sequence[str], inputs: bool = True, outputs: bool = False, detach: bool = True, stop: bool = False
 ) -> Iterator[dict[str, Traced]]:
     """Record the first positional input and/or the (first) output of each named module.
 
-    ``detach=False`` keeps the autograd graph, for losses that read traced values.
+    ``detach=False`` keeps the autograd graph, for losses that read traced values. ``stop=True``
+    ends the forward pass as soon as every named module has run (the block's remaining statements
+    are skipped, as with ROME's ``nethook.Trace(stop=True)``): later layers and the unembedding are
+    not computed, which makes statistics of an early layer's keys many times cheaper. A module
+    that never ran has ``calls == 0``.
     """
     traced = {name: Traced() for name in module_names}
     handles = []
@@ -70,47 +74,29 @@ def trace(
             record = traced[name]
             record.calls += 1
             if inputs:
-                record.input = keep(_first_tensor(args))
+                record.input = keep(first_tensor(args))
             if outputs:
-                record.output = keep(_first_tensor(output))
+                record.output = keep(first_tensor(output))
+            if stop and all(traced[other].calls for other in module_names):
+                raise StopForward
 
         return hook
 
     try:
         for name in module_names:
             handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
-        yield traced
+        try:
+            yield traced
+        except StopForward:
+            if not stop:
+                raise
     finally:
         for handle in handles:
             handle.remove()
 
 
 class StopForward(Exception):
-    """Raised by :func:`run_until_input` once the wanted input is captured."""
-
-
-def run_until_input(model: nn.Module, module_name: str, **inputs: Any) -> torch.Tensor:
-    """The first positional input of ``module_name``, running the model only as far as that module.
-
-    Whatever comes after the module (later layers, the unembedding) is skipped, which makes
-    statistics of an early layer's keys many times cheaper than a full forward pass.
-    """
-    captured: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        captured.append(_first_tensor(args).detach())
-        raise StopForward
-
-    handle = get_module(model, module_name).register_forward_pre_hook(hook)
-    try:
-        model(**inputs)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"module {module_name!r} was not called during the forward pass")
-    return captured[0]
+    """Raised inside a traced forward pass once every module of ``trace(..., stop=True)`` has run."""
 
 
 @contextlib.contextmanager
@@ -118,7 +104,7 @@ def edit_output(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor],
     """Replace the (first) output tensor of ``module_name`` by ``fn(output)`` inside the block."""
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        return _replace_first(output, fn(_first_tensor(output)))
+        return replace_first(output, fn(first_tensor(output)))
 
     handle = get_module(model, module_name).register_forward_hook(hook)
     try:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .hooks import _replace_first, trace
+from .hooks import replace_first, trace
 from .lm import cache_kwargs, cache_of, model_device
 from .targets import ModelTargets, get_module
 
@@ -40,7 +40,7 @@ class _Recorded(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _replace_first(self.template, self.hidden) if not isinstance(self.template, torch.Tensor) else self.hidden
+        return replace_first(self.template, self.hidden) if not isinstance(self.template, torch.Tensor) else self.hidden
 
 
 class FrozenPrefix:

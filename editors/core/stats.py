@@ -34,9 +34,8 @@ from factedit.files import atomic_path, cache_root
 from factedit.models import model_fingerprint
 
 from .corpus import max_positions, open_corpus
-from .hooks import StopForward, trace
+from .hooks import trace
 from .lm import model_device
-from .targets import get_module
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +96,10 @@ def _encode(tokenizer, texts: list[str], max_length: int, device: torch.device) 
 
 
 def _inputs_until(model: torch.nn.Module, module_names: Sequence[str], **inputs) -> dict[str, torch.Tensor]:
-    """The first positional input of every named module, running the model only until all have run.
-
-    The inputs are traced with :func:`editors.hooks.trace`; a second hook on each module raises
-    :class:`editors.hooks.StopForward` once the last of them has been called, so later layers and
-    the unembedding are skipped (which module is last need not be known in advance).
-    """
-    with trace(model, module_names) as traced:
-
-        def stop(module: torch.nn.Module, args: tuple, output) -> None:
-            if all(traced[name].calls for name in module_names):
-                raise StopForward
-
-        handles = [get_module(model, name).register_forward_hook(stop) for name in module_names]
-        try:
-            model(**inputs)
-        except StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+    """The first positional input of every named module, running the model only until all have run
+    (:func:`~factedit.editors.core.hooks.trace` with ``stop=True``)."""
+    with trace(model, module_names, stop=True) as traced:
+        model(**inputs)
     missing = [name for name in module_names if not traced[name].calls]
     if missing:
         raise RuntimeError(f"modules {missing} were not called during the forward pass")

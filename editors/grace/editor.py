@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
-from ..core.hooks import ModuleMemory, _first_tensor, _replace_first, trace
+from ..core.hooks import ModuleMemory, first_tensor, replace_first, trace
 from ..core.lm import collate_pairs, encode_pair, model_device, target_nll
 from ..core.prefix import frozen_below
 from ..core.targets import get_module, get_targets, resolve_layer
@@ -124,8 +124,8 @@ class Codebook(ModuleMemory):
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         entries = self.entries
-        query = _first_tensor(args)
-        out = _first_tensor(output)
+        query = first_tensor(args)
+        out = first_tensor(output)
         flat = query.reshape(-1, query.shape[-1])
         best, index = nearest(entries.keys, flat)
         hit = best <= entries.radii[index]  # eq. 2: replace only within the deferral radius
@@ -133,7 +133,7 @@ class Codebook(ModuleMemory):
             return output
         replaced = out.reshape(-1, out.shape[-1]).clone()
         replaced[hit] = entries.values[index[hit]].to(replaced.dtype)
-        return _replace_first(output, replaced.view_as(out))
+        return replace_first(output, replaced.view_as(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,9 +349,9 @@ class GRACE(Editor):
         optimiser = torch.optim.Adam([values], lr=config.lr)
 
         def put_values(module: nn.Module, args: tuple, output: Any) -> Any:
-            out = _first_tensor(output).clone()
+            out = first_tensor(output).clone()
             out[rows, cols] = values.to(out.dtype)
-            return _replace_first(output, out)
+            return replace_first(output, out)
 
         handle = get_module(model, module_name).register_forward_hook(put_values)
         loss = None

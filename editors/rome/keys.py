@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ..base import EditRequest
-from ..core.hooks import StopForward, _first_tensor
+from ..core.hooks import trace
 from ..core.lm import model_device
-from ..core.targets import get_module
 from .context import subject_last_index
 
 
@@ -64,31 +63,12 @@ def subject_reads(
 
 
 def _run_until_seen(model: nn.Module, wanted: Sequence[tuple[str, str]], **inputs: Any) -> dict[tuple[str, str], torch.Tensor]:
-    """Run ``model`` until every wanted module input/output has been captured, then stop."""
-    seen: dict[tuple[str, str], torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if ("input", name) in wanted:
-                seen[("input", name)] = _first_tensor(args).detach()
-            if ("output", name) in wanted:
-                seen[("output", name)] = _first_tensor(output).detach()
-            if len(seen) == len(wanted):
-                raise StopForward
-
-        return hook
-
-    try:
-        for name in dict.fromkeys(name for _, name in wanted):
-            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+    """Run ``model`` until every wanted ``("input" | "output", module)`` has been captured, then stop."""
+    names = list(dict.fromkeys(name for _, name in wanted))
+    kinds = {kind for kind, _ in wanted}
+    with trace(model, names, inputs="input" in kinds, outputs="output" in kinds, stop=True) as traced:
         model(**inputs)
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [key for key in wanted if key not in seen]
+    missing = [key for key in wanted if not traced[key[1]].calls]
     if missing:
         raise RuntimeError(f"modules {missing} were not called during the forward pass")
-    return seen
+    return {(kind, name): traced[name].input if kind == "input" else traced[name].output for kind, name in wanted}

@@ -68,7 +68,7 @@ from torch import nn
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
 from ..core.patch import freeze, memory_texts, module_input, unfreeze
-from ..core.hooks import ModuleMemory, _first_tensor, _replace_first, inputs_at_every_token, trace
+from ..core.hooks import ModuleMemory, first_tensor, replace_first, inputs_at_every_token, trace
 from ..core.lm import collate_pairs, encode_pair, hinge, model_device, target_nll
 from ..core.prefix import frozen_below
 from ..core.targets import get_module, get_targets, resolve_layer
@@ -176,12 +176,12 @@ class SideMemory(ModuleMemory):
             return output
         state = self.state
         x = module_input(args, kwargs)
-        out = _first_tensor(output)
+        out = first_tensor(output)
         extra = x @ state.delta.to(x.dtype).T
         fire = extra.float().norm(dim=-1) > state.eps  # eq. 4, per position
         if not bool(fire.any()):
             return output
-        return _replace_first(output, torch.where(fire[..., None], out + extra.to(out.dtype), out))
+        return replace_first(output, torch.where(fire[..., None], out + extra.to(out.dtype), out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,10 +338,10 @@ class WISE(Editor):
 
         def side(module_: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             x = module_input(args, kwargs)
-            out = _first_tensor(output)
+            out = first_tensor(output)
             extra = x @ delta.to(x.dtype).T
             fire = at | (extra.detach().float().norm(dim=-1) > eps)
-            return _replace_first(output, out + extra * fire[..., None].to(out.dtype))
+            return replace_first(output, out + extra * fire[..., None].to(out.dtype))
 
         previous = freeze(model)
         handle = module.register_forward_hook(side, with_kwargs=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factedit.editors.core.hooks import edit_input, edit_output, run_until_input, trace
+from factedit.editors.core.hooks import edit_input, edit_output, trace
 from factedit.editors.core.targets import get_module, get_targets, weight_as_out_in
 
 
@@ -61,18 +61,24 @@ def test_trace_without_detach_keeps_gradients(tiny_model, tokenizer):
     assert get_module(tiny_model, name).weight.grad is not None
 
 
-def test_run_until_input_matches_trace_and_skips_the_rest(tiny_model, tokenizer):
+def test_trace_with_stop_matches_a_full_pass_and_skips_the_rest(tiny_model, tokenizer):
     targets = get_targets(tiny_model)
     name = targets.layer("mlp_out", 0)
-    later = get_module(tiny_model, targets.layer("mlp", 2))
+    later = get_module(tiny_model, targets.layer("mlp", 2))  # the last block's MLP
     calls = []
     handle = later.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad(), trace(tiny_model, [name]) as traced:
         tiny_model(input_ids=_ids(tokenizer))
     assert calls == [1]
-    with torch.no_grad():
-        keys = run_until_input(tiny_model, name, input_ids=_ids(tokenizer))
+    after_the_pass = []
+    with torch.no_grad(), trace(tiny_model, [name], outputs=True, stop=True) as stopped:
+        tiny_model(input_ids=_ids(tokenizer))
+        after_the_pass.append(1)  # skipped: the pass ended at the traced module
     handle.remove()
-    assert calls == [1], "layers after the module still ran"
-    assert torch.equal(keys, traced[name].input)
-    assert not get_module(tiny_model, name)._forward_pre_hooks
+    assert calls == [1] and after_the_pass == [], "layers after the module still ran"
+    assert torch.equal(stopped[name].input, traced[name].input) and stopped[name].calls == 1
+    assert not get_module(tiny_model, name)._forward_hooks
+    with pytest.raises(RuntimeError, match="boom"), trace(tiny_model, [name], stop=True):
+        raise RuntimeError("boom")  # other errors pass through
+
+
