@@ -546,3 +546,13 @@ def test_a_format_registered_in_one_module_is_read_and_detected(tmp_path, monkey
     requests, errors = validate_records(path)
     assert [(r.prompt, r.subject, r.target_new) for r in requests] == [("Paris is in", "Paris", "Italy")]
     assert len(errors) == 1 and errors[0].index == 1 and errors[0].field == "new"
+
+
+def test_every_module_of_the_formats_package_is_a_registered_format():
+    """Adding a format is adding a file: the package imports each of its modules."""
+    import pkgutil
+
+    from factedit.datamodules import formats
+
+    modules = {info.name for info in pkgutil.iter_modules(formats.__path__)} - {"base"}
+    assert modules == set(FORMATS) == set(formats.registered_formats())
