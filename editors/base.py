@@ -12,9 +12,8 @@ same model with ``edit.apply(model)``. A saved edit records the model it was mad
 texts of the requests it carries out (:attr:`Edit.requests`, filled in for every editor by
 :class:`Editor`) and the software that made it (:attr:`Edit.provenance`).
 
-The plain data an editor works with, importable without torch, lives beside this module and is
-re-exported here: requests in :mod:`editors.requests`, configs in :mod:`editors.config`, the
-registry in :mod:`editors.registry`.
+Requests, configs and the registry (importable without torch) live in :mod:`.requests`,
+:mod:`.config` and :mod:`.registry`, re-exported here.
 """
 
 from __future__ import annotations
@@ -59,9 +58,7 @@ logger = logging.getLogger(__name__)
 EDIT_FORMAT_VERSION = 1
 
 
-# --------------------------------------------------------------------------------------------
-# Edits
-# --------------------------------------------------------------------------------------------
+# -- edits: what an editor returns --------------------------------------------------------------
 
 
 class EditError(RuntimeError):
@@ -429,16 +426,16 @@ def snapshot_deltas(model: torch.nn.Module, originals: dict[str, torch.Tensor]) 
     return deltas
 
 
-# --------------------------------------------------------------------------------------------
-# Editors (their configs live in :mod:`editors.config`, the registry in :mod:`editors.registry`)
-# --------------------------------------------------------------------------------------------
+# -- editors (configs in :mod:`.config`, the registry in :mod:`.registry`) --------------------
 
 
 class Editor(ABC):
     """An editing method. Subclasses are registered with :func:`register_editor`.
 
     ``supports_batch`` says whether one call may carry several requests that are edited jointly;
-    editors that cannot batch receive one request per call and say so in their docs.
+    editors that cannot batch receive one request per call and say so in their docs. It edits
+    through the prompt's context (``edits_in_context``: IKE), writes the fact at the subject's last
+    token (``writes_at_subject``: ROME, MEMIT), or edits nothing untrained (``needs_trained_network``).
 
     The :class:`Edit` that a subclass's :meth:`apply` returns leaves with the texts of the
     requests it carries out (:attr:`Edit.requests`): this class records them, once for every
@@ -448,6 +445,9 @@ class Editor(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[EditorConfig]]
     supports_batch: ClassVar[bool] = True
+    edits_in_context: ClassVar[bool] = False
+    writes_at_subject: ClassVar[bool] = False
+    needs_trained_network: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

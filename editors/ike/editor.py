@@ -344,6 +344,8 @@ class IKE(Editor):
     per request.
     """
 
+    edits_in_context = True
+
     supports_batch = True
 
     def __init__(self) -> None:

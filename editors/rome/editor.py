@@ -45,6 +45,8 @@ class LocateEditor(Editor):
     changes, its statistics must not.
     """
 
+    writes_at_subject = True
+
     def __init__(self) -> None:
         self._fingerprints: dict[int, str] = {}
         self._prefixes: dict[tuple, list[str]] = {}

@@ -153,6 +153,8 @@ class SERAC(LearnedEditorMixin, Editor):
     input position goes to the nearest in-scope edit.
     """
 
+    needs_trained_network = True
+
     def __init__(self) -> None:
         LearnedEditorMixin.__init__(self)
 

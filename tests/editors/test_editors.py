@@ -2,9 +2,10 @@
 
 Each editor needs an entry in ``TEST_SETTINGS`` (settings strong enough for a random tiny model);
 a newly registered editor without one fails ``test_every_editor_has_test_settings``. Learned
-editors whose untrained network cannot edit at all (SERAC routes to an untrained copy of the
-model) are checked with a network trained for a few seconds on the requests edited here
-(``TRAINED``). Edits that change no weights (memories, hooks) are checked on the model's outputs.
+editors whose untrained network cannot edit at all (``needs_trained_network``: SERAC routes to an
+untrained copy of the model) are checked with a network trained for a few seconds on the requests
+edited here (``TRAINERS``). What a check expects follows the editor's class attributes, not its
+name. Edits that change no weights (memories, hooks) are checked on the model's outputs.
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ def _trained_serac(model, tokenizer, root):
     return train_serac(model, tokenizer, _requests(), root)[1]
 
 
-# Editors checked with a trained network: name -> function(model, tokenizer, folder) -> checkpoint.
-TRAINED = {"serac": _trained_serac}
-# Editors that edit through the prompt's context: a random tiny model does no in-context learning,
-# so their prediction is not checked here (tests/editors/test_ike.py checks the mechanism); the rest is.
-IN_CONTEXT = {"ike"}
+# How to train the network of an editor that ``needs_trained_network``:
+# name -> function(model, tokenizer, folder) -> checkpoint.
+TRAINERS = {"serac": _trained_serac}
 
 
 def _requests():
@@ -45,7 +44,7 @@ def _requests():
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, tokenizer):
-    """Trained networks of the editors in TRAINED, one per tiny architecture, built on demand."""
+    """Trained networks of the editors that need one, one per tiny architecture, built on demand."""
     from helpers import build_gpt2, build_llama
 
     built: dict[tuple[str, str], str] = {}
@@ -54,7 +53,7 @@ def checkpoints(tmp_path_factory, tokenizer):
         arch = model.config.model_type
         if (name, arch) not in built:
             base = (build_gpt2 if arch == "gpt2" else build_llama)(len(tokenizer))
-            built[name, arch] = str(TRAINED[name](base, tokenizer, tmp_path_factory.mktemp(f"{name}-{arch}")))
+            built[name, arch] = str(TRAINERS[name](base, tokenizer, tmp_path_factory.mktemp(f"{name}-{arch}")))
         return built[name, arch]
 
     return get
@@ -62,7 +61,7 @@ def checkpoints(tmp_path_factory, tokenizer):
 
 def _config(name, model, checkpoints):
     settings = dict(TEST_SETTINGS[name])
-    if name in TRAINED:
+    if get_editor(name).needs_trained_network:
         settings["checkpoint"] = checkpoints(name, model)
     return get_editor(name).config_class(**settings)
 
@@ -84,14 +83,10 @@ def _first_token_prediction(model, tokenizer, prompt: str, target: str) -> tuple
         return int(logits_at(model, batch)[0].argmax()), encoded[1][0]
 
 
-# Locate-then-edit methods write the fact at the subject's last token. In a tiny random model
-# attention barely carries anything from there to a later position, so for them the subject ends
-# the prompt and the edit is read right after it.
-SUBJECT_LAST = {"rome", "memit", "pmet", "alphaedit"}
-
-
 def _for(name, request):
-    if name in SUBJECT_LAST:
+    """Editors that write the fact at the subject's last token get a prompt the subject ends: in a
+    tiny random model attention barely carries anything from there to a later position."""
+    if get_editor(name).writes_at_subject:
         return dataclasses.replace(request, prompt="The mother tongue is Danielle Darrieux")
     return request
 
@@ -102,6 +97,10 @@ def _apply(name, model, tokenizer, request, checkpoints):
 
 def test_every_editor_has_test_settings():
     assert set(available_editors()) <= set(TEST_SETTINGS), "add test settings for new editors"
+    needing = {name for name in available_editors() if get_editor(name).needs_trained_network}
+    assert needing <= set(TRAINERS), "add a trainer for editors that need a trained network"
+    assert {name for name in available_editors() if get_editor(name).writes_at_subject} >= {"rome", "memit", "pmet", "alphaedit"}
+    assert [name for name in available_editors() if get_editor(name).edits_in_context] == ["ike"] and needing == {"serac"}
 
 
 @pytest.fixture
@@ -120,8 +119,8 @@ def test_edit_changes_prediction_and_reverts_exactly(name, tiny_model, tokenizer
     edit = _apply(name, tiny_model, tokenizer, req, checkpoints)
     assert edit.is_applied
     after_pred, _ = _first_token_prediction(tiny_model, tokenizer, req.prompt, req.target_new)
-    if name not in IN_CONTEXT:
-        assert after_pred == target
+    if not get_editor(name).edits_in_context:  # a random tiny model does no in-context learning
+        assert after_pred == target  # (tests/editors/test_ike.py checks IKE's mechanism)
 
     changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= set(edit.param_names), f"changed undeclared parameters: {changed - set(edit.param_names)}"

@@ -7,7 +7,7 @@ TEST_SETTINGS: dict[str, dict] = {
     "ft_m": dict(layers=[1], lr=1e-2, steps=40),
     "ft_l": dict(layers=[1], lr=2e-2, steps=40, norm_constraint=0.2),
     "kn": dict(lambda_new=100.0, max_neurons=10),  # a tiny random model's activations are small: a large lambda_2
-    "serac": dict(classifier_layer=1, embedding_dim=16, cf_layers=2),  # with a network trained on the requests below (TRAINED)
+    "serac": dict(classifier_layer=1, embedding_dim=16, cf_layers=2),  # with a network trained on the requests edited in the shared checks (TRAINERS there)
     "mend": dict(layers=[-2, -1], rank=8, n_hidden=1, edit_lr_init=3.0),  # untrained MEND is one gradient step of size edit_lr_init
     "enn": dict(layers=[-2, -1], n_edit_steps=2, edit_lr_init=3.0),  # untrained ENN is n_edit_steps gradient steps of size edit_lr_init
     "ke": dict(step_size=3.0),  # untrained KE is one gradient step of size step_size; tiny random models have tiny gradients
