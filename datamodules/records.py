@@ -50,16 +50,16 @@ def detect_format(record: Any, path: str | os.PathLike[str] = "<records>", index
         raise RecordError(f"expected a JSON object, got {type_name(record)}", path, index=index)
     keys = set(record)
     formats = sorted(registered_formats().values(), key=lambda spec: spec.detect_rank)
-    if not any(spec.matches(record) for spec in formats) and ({"text", "labels"} <= keys or "concept" in keys):
+    match = next((spec for spec in formats if spec.matches(record)), None)
+    if match is not None:
+        return match.name
+    if {"text", "labels"} <= keys or "concept" in keys:
         raise RecordError(
             f"looks like a WikiBio record (keys {sorted(keys)}); the WikiBio format (long-form text "
             f"edits) is not supported; supported formats: {', '.join(registered_formats())}",
             path,
             index=index,
         )
-    for spec in formats:
-        if spec.matches(record):
-            return spec.name
     hints = ", ".join(spec.hint for spec in registered_formats().values())
     raise RecordError(
         f"cannot tell the format from the keys {sorted(keys)}; known formats: {hints}. "

@@ -38,8 +38,6 @@ from factedit.metrics import (
     PORTABILITY_KIND_PREFIX,
     SCORES,
     ProbabilityComparison,
-    generation_contains,
-    generation_exact_match,
     harmonic_mean,
     protocol_of,
     score_of,
@@ -51,8 +49,11 @@ TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {score.key: score.options["expect"] for score in SCORES if score.magnitude}
 """The probability comparisons (ES, PS, NS) and the target each expects to win."""
 MAGNITUDE_KEYS = {score.key: score.magnitude for score in SCORES if score.magnitude}
-GENERATION_SCORES: dict[str, Callable[..., float | None]] = {"em": generation_exact_match, "contains": generation_contains}
-"""The two matches of a greedy answer (``gen_<group>_em`` and ``gen_<group>_contains``)."""
+GENERATION_SCORES: dict[str, Callable[..., float | None]] = {
+    score.key.rpartition("_")[2]: score.metric.case_score for score in SCORES if score.key.startswith(f"gen_{GENERATION_GROUPS[0]}_")
+}
+"""The two matches of a greedy answer (``gen_<group>_em`` and ``gen_<group>_contains``), read from
+the score table's rows."""
 GENERATION_MARGIN = 3
 """New tokens a greedy answer may have beyond its longest accepted answer's token length."""
 UNNAMED_KIND = "portability"

@@ -9,6 +9,7 @@ the same names can still import the library: ``from factedit.editors import get_
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("editors", "lit_modules", "datamodules", "metrics", "evaluation")
+"""The sub-packages installed under this name from folders of their own (``pyproject.toml``)."""
 
 
 def require_namespace(name: str) -> None:

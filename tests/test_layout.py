@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("editors", "lit_modules", "datamodules", "metrics", "evaluation")
+from factedit import SUBPACKAGES
+
 # layer -> the layers it must never import (the leaf, factedit/*.py, imports none of them)
 FORBIDDEN = {
     "leaf": set(SUBPACKAGES),

@@ -10,6 +10,7 @@ built is still reported under the field name the file uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ..rows import Row
@@ -55,6 +56,6 @@ def register_format(spec: Format) -> Format:
     return spec
 
 
-def registered_formats() -> dict[str, Format]:
-    """The registered formats by name, in the order they were registered."""
-    return dict(_REGISTRY)
+def registered_formats() -> Mapping[str, Format]:
+    """The registered formats by name, in the order they were registered (a read-only view)."""
+    return MappingProxyType(_REGISTRY)
