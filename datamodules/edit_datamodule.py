@@ -27,6 +27,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from factedit.batches import labelled_batch, pad_id, teacher_forced
 from factedit.datamodules.records import load_requests, requests_to_dataset
 from factedit.datamodules.sources import resolve_source
 from factedit.editors.base import EditRequest
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PARTS: tuple[str, ...] = ("edit", "rephrase", "locality")
 GROUP_BY: tuple[str, ...] = ("template",)  # the values of ``EditDataModule(group_by=...)`` besides None
 
@@ -45,17 +45,6 @@ GROUP_BY: tuple[str, ...] = ("template",)  # the values of ``EditDataModule(grou
 # --------------------------------------------------------------------------------------------
 # Tokenization and collation (module-level callables, so dataloader workers can pickle them)
 # --------------------------------------------------------------------------------------------
-
-
-def join_prompt_target(prompt_ids: Sequence[int], target_ids: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Concatenate prompt and target token ids; labels mask the prompt with ``-100``.
-
-    Too long a pair loses tokens from the *start* of the prompt (the end of the prompt and the
-    target are what the loss needs); a target longer than ``max_length - 1`` is cut at its end.
-    """
-    target = list(target_ids)[: max_length - 1]
-    prompt = list(prompt_ids)[max(0, len(prompt_ids) - (max_length - len(target))) :]
-    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
 
 class EditTokenizer:
@@ -78,7 +67,7 @@ class EditTokenizer:
         for part, (prompts, targets) in pairs.items():
             # The same prompt/target tokenization as editing and evaluation use.
             encoded = [encode_pair(self.tokenizer, p, t) for p, t in zip(prompts, targets)]
-            joined = [join_prompt_target(p, t, self.max_length) for p, t in encoded]
+            joined = [teacher_forced(p, t, self.max_length) for p, t in encoded]
             out[f"{part}_input_ids"] = [ids for ids, _ in joined]
             out[f"{part}_labels"] = [labels for _, labels in joined]
         return out
@@ -93,17 +82,7 @@ class EditCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"case_id": [row["case_id"] for row in rows]}
         for part in PARTS:
-            ids = [row[f"{part}_input_ids"] for row in rows]
-            labels = [row[f"{part}_labels"] for row in rows]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            label_tensor = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-            for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
-                input_ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-                attention_mask[i, : len(row_ids)] = 1
-                label_tensor[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
-            batch[part] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
+            batch[part] = labelled_batch([(row[f"{part}_input_ids"], row[f"{part}_labels"]) for row in rows], self.pad_token_id)
         return batch
 
 
@@ -294,11 +273,7 @@ class EditDataModule(LightningDataModule):
     @property
     def pad_token_id(self) -> int:
         """The tokenizer's pad token, or its end-of-sequence token when it has no pad token."""
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
-        return int(pad)
+        return pad_id(self.tokenizer)
 
     def prepare_data(self) -> None:
         """Make sure the data exists locally (downloads named full datasets on first use)."""

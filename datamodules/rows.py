@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from factedit.editors.requests import QA
+from factedit.jsonl import JsonlError, parse_lines
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -105,23 +106,17 @@ def read_raw_records(path: str | os.PathLike[str]) -> list[RawRecord]:
 
 
 def _read_jsonl(path: Path, text: str) -> list[RawRecord]:
-    records: list[RawRecord] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecordError(
-                f"invalid JSON: {err.msg} (JSON Lines files hold one complete object per line; "
-                f"a JSON file must hold an array of records)",
-                path,
-                index=len(records),
-                line=line_no,
-                column=err.colno,
-            ) from err
-        records.append(RawRecord(len(records), line_no, data))
-    return records
+    try:
+        return [RawRecord(index, line_no, data) for index, (line_no, data) in enumerate(parse_lines(text, path))]
+    except JsonlError as err:
+        raise RecordError(
+            f"invalid JSON: {err.reason} (JSON Lines files hold one complete object per line; "
+            f"a JSON file must hold an array of records)",
+            path,
+            index=err.index,
+            line=err.line,
+            column=err.column,
+        ) from err
 
 
 Key = str | int

@@ -1,7 +1,9 @@
 """The registry of editors: each method's name, its editor class and its config class.
 
 An editor registers itself with :func:`register_editor` when its module is imported. The
-built-in methods are also listed in :data:`METHODS` by where they live, so that
+built-in methods are also listed in :data:`METHODS` by where they live (each method package's
+``config`` module names them in ``REGISTERS``; every package of ``editors/`` but ``core`` is a
+method package), so that
 :func:`get_editor` imports a method only when it is asked for, and :func:`config_class` reads a
 method's settings from its config module alone, without the method or torch (all that
 ``edit.py --help`` needs). A test checks the table against the registrations.
@@ -10,8 +12,10 @@ method's settings from its config module alone, without the method or torch (all
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
 
 from .config import EditorConfig
 
@@ -27,27 +31,52 @@ class Method(NamedTuple):
     config: str
 
 
-# Read-only table of the built-in methods (immutable, so it holds no state).
-METHODS: Mapping[str, Method] = MappingProxyType(
-    {
-        "ft_l": Method("factedit.editors.ft.editor", "factedit.editors.ft.config:FTLConfig"),
-        "ft_m": Method("factedit.editors.ft.editor", "factedit.editors.ft.config:FTMConfig"),
-        "kn": Method("factedit.editors.kn.editor", "factedit.editors.kn.config:KNConfig"),
-        "rome": Method("factedit.editors.rome.editor", "factedit.editors.rome.config:ROMEConfig"),
-        "memit": Method("factedit.editors.memit.editor", "factedit.editors.memit.config:MEMITConfig"),
-        "pmet": Method("factedit.editors.memit.pmet", "factedit.editors.memit.config:PMETConfig"),
-        "alphaedit": Method("factedit.editors.memit.alphaedit", "factedit.editors.memit.config:AlphaEditConfig"),
-        "ke": Method("factedit.editors.ke.editor", "factedit.editors.ke.config:KEConfig"),
-        "mend": Method("factedit.editors.mend.editor", "factedit.editors.mend.config:MENDConfig"),
-        "enn": Method("factedit.editors.enn.editor", "factedit.editors.enn.config:ENNConfig"),
-        "serac": Method("factedit.editors.serac.editor", "factedit.editors.serac.config:SERACConfig"),
-        "grace": Method("factedit.editors.grace.editor", "factedit.editors.grace.config:GRACEConfig"),
-        "ike": Method("factedit.editors.ike.editor", "factedit.editors.ike.config:IKEConfig"),
-        "t_patcher": Method("factedit.editors.t_patcher.editor", "factedit.editors.t_patcher.config:TPatcherConfig"),
-        "calinet": Method("factedit.editors.calinet.editor", "factedit.editors.calinet.config:CaliNETConfig"),
-        "wise": Method("factedit.editors.wise.editor", "factedit.editors.wise.config:WISEConfig"),
-    }
-)
+def find_methods(folder: Path | None = None, package: str | None = None) -> dict[str, Method]:
+    """The methods of the packages in ``folder`` (the package ``package``; default: the editors
+    package beside this module): every sub-package but ``core`` is a method package whose
+    ``config`` module (torch-free) says what it registers in ``REGISTERS``."""
+    folder = folder if folder is not None else Path(__file__).parent
+    package = package if package is not None else __name__.rpartition(".")[0]
+    methods: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda info: info.name):
+        if not info.ispkg or info.name == "core":
+            continue
+        config = importlib.import_module(f"{package}.{info.name}.config")
+        registers = getattr(config, "REGISTERS", None)
+        if not isinstance(registers, dict) or not registers:
+            raise RuntimeError(f"{config.__name__} names no method in REGISTERS (method name -> (module, config class))")
+        for name, (module, config_name) in registers.items():
+            if name in methods:
+                raise RuntimeError(f"editor {name!r} is named by both {methods[name].module} and {package}.{info.name}.{module}")
+            methods[name] = Method(f"{package}.{info.name}.{module}", f"{config.__name__}:{config_name}")
+    return methods
+
+
+class _Methods(Mapping[str, Method]):
+    """A read-only table built on first use (the method packages import this module, so the
+    table cannot be built while it loads)."""
+
+    def __init__(self) -> None:
+        self._table: Mapping[str, Method] | None = None
+
+    def _get(self) -> Mapping[str, Method]:
+        if self._table is None:
+            self._table = MappingProxyType(find_methods())
+        return self._table
+
+    def __getitem__(self, name: str) -> Method:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+# The built-in methods, found in the method packages: a new method is a new package, and nothing
+# here changes.
+METHODS: Mapping[str, Method] = _Methods()
 
 _REGISTRY: dict[str, type[Editor]] = {}
 
@@ -86,7 +115,7 @@ def get_editor(name: str) -> type[Editor]:
     if name not in _REGISTRY and name in METHODS:
         importlib.import_module(METHODS[name].module)
         if name not in _REGISTRY:
-            raise RuntimeError(f"importing {METHODS[name].module} did not register editor {name!r}; correct editors.registry.METHODS")
+            raise RuntimeError(f"importing {METHODS[name].module} did not register editor {name!r}; correct REGISTERS in its package's config module")
     try:
         return _REGISTRY[name]
     except KeyError:

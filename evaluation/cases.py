@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from factedit.editors.base import EditRequest
+from factedit.jsonl import JsonlAppender
 from factedit.models import model_fingerprint
 
 from .config import DEFAULT_CHECKPOINTS
-from .run_dir import JsonlWriter
 from .scoring import case_scores
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class CaseWriter:
     """Where the loop writes finished cases: ``cases.jsonl`` (or a shard's file), and the live
     TensorBoard view when there is one."""
 
-    def __init__(self, writer: JsonlWriter, board: RunBoard | None) -> None:
+    def __init__(self, writer: JsonlAppender, board: RunBoard | None) -> None:
         self.writer, self.board = writer, board
 
     def write(self, record: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from .run_dir import RunDir, RunDirError
 
 if TYPE_CHECKING:
     from .distributed import Shard
+    from .runner import EditRun
 
 logger = logging.getLogger("edit")
 

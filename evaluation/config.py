@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+# The task names come from the task table (a module that imports no torch), so that a task is
+# added by its row alone.
+from .general.tasks import TASKS
+
 # How edit.py applies the edits (see :mod:`evaluation.runner`), and where a sequential run scores
 # all edits so far and the general suite unless --checkpoints says otherwise.
 MODES = ("single", "batch", "sequential")
@@ -82,26 +86,6 @@ class EvalConfig:
 # The general-ability suite (:mod:`evaluation.general`)
 # --------------------------------------------------------------------------------------------
 
-TASKS: tuple[str, ...] = (
-    "mmlu",
-    "gsm8k",
-    "bbh",
-    "commonsense_qa",
-    "triviaqa",
-    "truthfulqa_mc1",
-    "truthfulqa_mc2",
-    "hellaswag",
-    "arc_easy",
-    "arc_challenge",
-    "piqa",
-    "boolq",
-    "lambada",
-    "wikitext",
-)
-SAFETY_TASKS: tuple[str, ...] = ("advbench", "harmbench", "strongreject", "jailbreakbench", "simplesafetytests", "xstest", "toxigen")
-"""Refusal of harmful requests and over-refusal of safe ones, and ToxiGen's hate-speech
-classification (:mod:`evaluation.safety`), run as tasks of the same suite."""
-TASKS = TASKS + SAFETY_TASKS
 
 GENERAL_SOURCES = ("local", "hub")
 

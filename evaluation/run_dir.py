@@ -38,6 +38,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import yaml
 
+from factedit import jsonl
+from factedit.files import atomic_dir, leftovers, write_text_atomically
+
 if TYPE_CHECKING:
     from factedit.editors.base import Edit
 
@@ -63,53 +66,10 @@ class RunDirLocked(RunDirError):
 
 # -- JSON lines ---------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (an interrupted write) is dropped and trimmed."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("%s: dropping an incomplete last line (interrupted write)", path)
-                path.write_text("".join(json.dumps(r) + "\n" for r in records))
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged") from None
-    return records
-
-
-class JsonlWriter:
-    """Appends records one line at a time, each flushed and synced, so that a run killed at any
-    moment loses at most the line being written (which :func:`read_jsonl` then trims)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handle = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def _staging(path: Path) -> Path:
-    """Where a file or folder is written before it is renamed to ``path``."""
-    return path.parent / f".{path.name}.partial"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: readers, and a run killed during the
-    write, see the old content or the new, never half of it."""
-    staging = _staging(path)
-    staging.write_text(text)
-    os.replace(staging, path)
+    """Records of one of the run's JSON Lines files (``[]`` when missing). These files are appended
+    to line by line, so a torn last line is an interrupted write: it is dropped and the file
+    trimmed (:func:`factedit.jsonl.read_jsonl`'s ``"repair"``)."""
+    return jsonl.read_jsonl(path, torn_tail="repair")
 
 
 def is_edit_config(config: Any) -> bool:
@@ -158,7 +118,7 @@ class RunDir:
         """Names in the folder that edit.py does not write (kept by :meth:`reset`)."""
         if not self.root.is_dir():
             return []
-        ours = set(FILES) | set(FOLDERS) | {MARKER, LOCK} | {_staging(self.root / n).name for n in FILES}
+        ours = set(FILES) | set(FOLDERS) | {MARKER, LOCK} | {p.name for n in FILES for p in leftovers(self.root / n)}
         return sorted(p.name for p in self.root.iterdir() if p.name not in ours)
 
     def check_usable(self) -> None:
@@ -219,7 +179,7 @@ class RunDir:
         if not self.owned():
             raise RunDirError(f"--out {self.root} was not made by edit.py; refusing to delete anything there")
         for name in FILES:
-            for path in (self.root / name, _staging(self.root / name)):
+            for path in (self.root / name, *leftovers(self.root / name)):
                 path.unlink(missing_ok=True)
         for name in FOLDERS:
             shutil.rmtree(self.root / name, ignore_errors=True)
@@ -251,18 +211,15 @@ class RunDir:
         return config
 
     def write_config(self, config: dict[str, Any]) -> None:
-        write_atomically(self.config, yaml.safe_dump(config, sort_keys=False))
+        write_text_atomically(self.config, yaml.safe_dump(config, sort_keys=False))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomically(self.summary, json.dumps(summary, indent=2))
+        write_text_atomically(self.summary, json.dumps(summary, indent=2))
 
     def append(self, path: Path, record: dict[str, Any]) -> None:
         """Append one record to a JSONL file of this folder (flushed and synced)."""
-        writer = JsonlWriter(path)
-        try:
+        with jsonl.JsonlAppender(path) as writer:
             writer.write(record)
-        finally:
-            writer.close()
 
     # -- sequential edits ---------------------------------------------------------------------
     def saved_edits(self) -> list[Path]:
@@ -274,10 +231,8 @@ class RunDir:
         """Save the ``number``-th edit so that an interruption never leaves a half-written edit
         folder behind (a resumed run re-applies every folder it finds): write beside it, rename."""
         directory = self.edits / f"{number:06d}"
-        staging = _staging(directory)
-        shutil.rmtree(staging, ignore_errors=True)
-        edit.save(staging)
-        os.replace(staging, directory)
+        with atomic_dir(directory) as staging:
+            edit.save(staging)
         return directory
 
     # -- shards -------------------------------------------------------------------------------
@@ -295,7 +250,7 @@ class RunDir:
             records.update({r["case_id"]: r for r in read_jsonl(path)})
         position = {case_id: i for i, case_id in enumerate(order)}
         ordered = sorted(records.values(), key=lambda r: (position.get(r["case_id"], len(position)), str(r["case_id"])))
-        write_atomically(self.cases, "".join(json.dumps(r) + "\n" for r in ordered))
+        jsonl.write_jsonl(self.cases, ordered)
         for path in shard_files:
             path.unlink()
 

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from factedit.editors.base import Edit, Editor, EditorConfig, EditRequest
 from factedit.editors.core.lm import join_rule, model_device
 from factedit.editors.core.provenance import utc_now
+from factedit.jsonl import JsonlAppender
 
 from .board import RunBoard
 from .cases import (
@@ -74,7 +75,7 @@ from .config import MODES, SEQUENTIAL_SCORING
 from .distributed import current_shard
 from .efficiency import measure
 from .provenance import run_provenance
-from .run_dir import JsonlWriter, RunDir, read_jsonl
+from .run_dir import RunDir, read_jsonl
 from .scoring import EvalConfig, measure_case
 from .summary import write_summary
 
@@ -174,7 +175,7 @@ class EditRun:
             wanted = {r.case_id for r in self.requests}
             self._board = RunBoard(self.dir.tensorboard, [r for r in finished if r["case_id"] in wanted])
         try:
-            writer = CaseWriter(JsonlWriter(self._shard_path() if self.shard.active else self.cases_path), self._board)
+            writer = CaseWriter(JsonlAppender(self._shard_path() if self.shard.active else self.cases_path), self._board)
             try:
                 if todo:
                     # One-time work on the unedited model (key statistics, sampled prefixes), before
@@ -341,7 +342,7 @@ class EditRun:
         saved = self.dir.saved_edits()
         if saved and any(r.case_id not in pre for r in todo):
             raise RuntimeError(f"{self.out}: saved edits exist but unedited measurements are incomplete; start a fresh --out")
-        pre_writer = JsonlWriter(pre_path)
+        pre_writer = JsonlAppender(pre_path)
         failed: dict[str, dict[str, Any]] = {}  # case id -> its line, for cases that cannot be edited
         try:
             with self._bar(len(todo), "pre-edit scores") as bar:

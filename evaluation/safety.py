@@ -50,7 +50,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     "i'm sorry",

@@ -31,12 +31,14 @@ import torch
 import torch.distributed as dist
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
+from factedit.batches import pad_id
 from factedit.editors.base import EditRequest
 from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at, model_device
 from factedit.metrics import (
     GENERATION_GROUPS,
     PORTABILITY_KIND_PREFIX,
     SCORES,
+    Score,
     ProbabilityComparison,
     harmonic_mean,
     protocol_of,
@@ -44,6 +46,7 @@ from factedit.metrics import (
 )
 
 from .config import CHAT_TEMPLATE, EvalConfig  # defined with the other run settings, importable without torch
+from .measurements import MEASUREMENTS
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {score.key: score.options["expect"] for score in SCORES if score.magnitude}
@@ -98,7 +101,7 @@ def score_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: 
     device = model_device(model)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id, device)
+        batch = collate_pairs([encoded[i] for i in chunk], pad_id(tokenizer), device)
         logits = logits_at(model, batch).float()
         logp = torch.log_softmax(logits, dim=-1)
         token_nll = -logp.gather(1, batch.targets[:, None])[:, 0].cpu()
@@ -134,7 +137,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], config: EvalConfig)
             top_p=1.0,
             temperature=1.0,
             max_new_tokens=config.generation_length,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id(tokenizer),
         )
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -170,7 +173,7 @@ def greedy_continuations(
         raise ValueError(f"every token budget must be at least 1, got {list(max_new_tokens)}")
     if not prompts:
         return []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
     stop = _eos_ids(model, tokenizer)
@@ -307,10 +310,6 @@ def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig, on_
 # --------------------------------------------------------------------------------------------
 
 
-def _ids(items: list[dict[str, Any]], key: str) -> list[torch.Tensor]:
-    return [torch.tensor(item[key], dtype=torch.long) for item in items]
-
-
 def portability_by_kind(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """A case's raw portability measurements split by probe kind, keyed by :func:`portability_key`;
     empty when every probe is of the unnamed kind (then ``portability`` says it all)."""
@@ -323,29 +322,31 @@ def portability_by_kind(items: list[dict[str, Any]]) -> dict[str, list[dict[str,
     return split
 
 
+def _row(key: str) -> Score:
+    """The score table's row of ``key`` (per-kind portability keys get one from :func:`score_of`)."""
+    for score in SCORES:
+        if score.key == key:
+            return score
+    return score_of(key)
+
+
 def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, tuple]:
-    """The arguments each metric receives for one case: the one map from raw groups to metrics.
+    """The arguments each metric receives for one case, as each row of the score table ``reads``
+    them (:data:`MEASUREMENTS`).
 
     ``reference`` is the unedited model's raw measurements; locality exists only with it.
     Per-kind portability keys appear for the kinds the case has; ``gen_*`` keys when the case was
     measured with generation scoring.
     """
-    inputs: dict[str, tuple] = {group: (_ids(raw[group], "pred"), _ids(raw[group], "target")) for group in ("reliability", "generalization", "portability")}
-    for key, items in portability_by_kind(raw["portability"]).items():
-        inputs[key] = (_ids(items, "pred"), _ids(items, "target"))
-    if reference is not None:
-        inputs["locality"] = (_ids(raw["locality"], "pred"), _ids(reference["locality"], "pred"))
-    for group in PROBABILITY_GROUPS:
-        if group in raw:
-            inputs[group] = (torch.tensor(raw[group]["nll_new"]), torch.tensor(raw[group]["nll_true"]))
-    if "fluency" in raw:
-        inputs["fluency"] = (raw["fluency"]["texts"],)
-    if "generation" in raw:
-        for group in GENERATION_GROUPS:
-            items = raw["generation"].get(group, [])
-            answers = ([item["text"] for item in items], [item["answers"] for item in items])
-            for score in GENERATION_SCORES:
-                inputs[f"gen_{group}_{score}"] = answers
+    inputs: dict[str, tuple] = {}
+    for score in SCORES:
+        if score.reads is not None:
+            kind, group = score.reads
+            args = MEASUREMENTS[kind](raw, reference, group)
+            if args is not None:
+                inputs[score.key] = args
+    for key, items in portability_by_kind(raw.get("portability", [])).items():
+        inputs[key] = MEASUREMENTS["tokens"]({key: items}, reference, key)
     return inputs
 
 
@@ -354,7 +355,7 @@ def case_scores(raw: dict[str, Any], reference: dict[str, Any] | None = None) ->
     Each score is its row's ``case_score`` (:data:`factedit.metrics.SCORES`)."""
     scores: dict[str, float | None] = {}
     for name, args in metric_inputs(raw, reference).items():
-        score = score_of(name)
+        score = _row(name)
         result = score.case_score(*args)
         if score.magnitude is not None:  # a probability comparison: success rate and magnitude
             scores[name], scores[score.magnitude] = result if result is not None else (None, None)
@@ -392,7 +393,7 @@ class RunMetrics:
         if name not in metrics:
             if not name.startswith(PORTABILITY_KIND_PREFIX):
                 raise KeyError(f"no metric for {name!r}")
-            metrics[name] = score_of(name).accumulator()
+            metrics[name] = _row(name).accumulator()
         return metrics[name]
 
     def update(self, record: dict[str, Any]) -> None:

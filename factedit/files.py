@@ -5,7 +5,9 @@ write sees the old content or the new, never half of it)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -39,3 +41,25 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A staging folder beside ``path`` (``.NAME.partial``, emptied first) to write a whole folder
+    to; renamed to ``path`` when the block ends, so that an interruption never leaves a half-written
+    folder under the final name. The staging folder of a killed process is left for
+    :func:`leftovers` to find."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    yield staging
+    os.replace(staging, path)
+
+
+def leftovers(path: Path) -> list[Path]:
+    """What unfinished atomic writes of ``path`` (by :func:`atomic_path` or :func:`atomic_dir`) left
+    beside it when their process was killed."""
+    path = Path(path)
+    pattern = glob.escape(f".{path.name}.")
+    return sorted([*path.parent.glob(pattern + "*.tmp"), *path.parent.glob(pattern + "partial")])

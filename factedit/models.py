@@ -8,6 +8,7 @@ so the first load writes the float32 result as safetensors into the user's cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -229,3 +231,22 @@ def model_fingerprint(model: torch.nn.Module, values_per_tensor: int = 4096) -> 
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, trainable: Iterable[torch.nn.Parameter] = ()) -> Iterator[None]:
+    """Every parameter of ``model`` without gradients inside the block, except ``trainable`` (which
+    may also be parameters of no module); on leaving, each parameter's flag is as it was and the
+    gradients the block left are dropped."""
+    params = list(model.parameters())
+    previous = [p.requires_grad for p in params]
+    trainable = list(trainable)
+    model.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, previous):
+            p.requires_grad_(flag)
+            p.grad = None

@@ -97,7 +97,6 @@ class SERACModule(EditorModule):
         """Per part, the cosine the router compares with the threshold at each answer position
         (the nearest key among the batch's edits, the memory validation uses); for the edit
         prompt and rephrase the nearest key of their own edit, the one that must win."""
-        n = len(batch["case_id"])
         net, model = self.net, self.base
         passes = {p: base_pass(model, net, batch[p]["input_ids"], batch[p]["attention_mask"]) for p in PARTS}
         positions = {p: label_positions(batch[p]["labels"]) for p in PARTS}

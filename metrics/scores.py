@@ -5,8 +5,9 @@ the per-case function), what it means, and its name in tables and figures.
 Per-case scores (``evaluation.scoring.case_scores``), the run's accumulators
 (``evaluation.scoring.RunMetrics``), the protocol of each key (:data:`PROTOCOLS`) and the printed
 report (``evaluation.report``) all iterate :data:`SCORES`. To add a score: a row here, a metric
-class with ``protocol`` and ``case_score``, and the raw measurement it reads in
-``evaluation.scoring.metric_inputs``.
+class with ``protocol`` and ``case_score`` when no existing one computes it; the row's ``reads``
+names the raw measurement it is computed from (a new kind of measurement is taken in
+``evaluation.scoring``, and read by a function listed in ``evaluation.measurements.MEASUREMENTS``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Score:
     magnitude: the key of the magnitude a probability comparison reports beside its success rate.
     derived: computed from other scores (magnitudes, S), no accumulator of its own.
     post_only: measured after editing only (locality: agreement with the unedited model).
+    reads: ``(kind, group)``: the raw measurement of a case that ``case_score`` receives, by its
+        kind (``evaluation.measurements.MEASUREMENTS``: ``tokens``, ``agreement``, ``probabilities``,
+        ``texts``, ``generation``) and the prompt group it was taken on; None for a derived key.
     """
 
     key: str
@@ -52,6 +56,7 @@ class Score:
     magnitude: str | None = None
     derived: bool = False
     post_only: bool = False
+    reads: tuple[str, str] | None = None
 
     @property
     def protocol(self) -> str:
@@ -65,22 +70,22 @@ class Score:
 
 
 def _generation(group: str, score: str, metric: type[Metric], meaning: str, label: str) -> Score:
-    return Score(f"gen_{group}_{score}", metric, meaning, label)
+    return Score(f"gen_{group}_{score}", metric, meaning, label, reads=("generation", group))
 
 
 SCORES: tuple[Score, ...] = (
-    Score("reliability", TokenAccuracy, "edit prompt, new target: token accuracy", "Reliability"),
-    Score("generalization", TokenAccuracy, "rephrased prompts: token accuracy", "Generalization"),
-    Score("locality", LocalityAgreement, "unrelated prompts: agreement with unedited model", "Locality", post_only=True),
-    Score("portability", TokenAccuracy, "questions that follow from the edit: token accuracy", "Portability"),
-    Score("es", ProbabilityComparison, "efficacy: P(new) > P(true) on edit prompt", "Efficacy (ES)", MappingProxyType({"expect": "new"}), magnitude="em"),
-    Score("ps", ProbabilityComparison, "paraphrase: P(new) > P(true)", "Paraphrase (PS)", MappingProxyType({"expect": "new"}), magnitude="pm"),
-    Score("ns", ProbabilityComparison, "neighborhood: P(true) > P(new)", "Neighborhood (NS)", MappingProxyType({"expect": "true"}), magnitude="nm"),
+    Score("reliability", TokenAccuracy, "edit prompt, new target: token accuracy", "Reliability", reads=("tokens", "reliability")),
+    Score("generalization", TokenAccuracy, "rephrased prompts: token accuracy", "Generalization", reads=("tokens", "generalization")),
+    Score("locality", LocalityAgreement, "unrelated prompts: agreement with unedited model", "Locality", post_only=True, reads=("agreement", "locality")),
+    Score("portability", TokenAccuracy, "questions that follow from the edit: token accuracy", "Portability", reads=("tokens", "portability")),
+    Score("es", ProbabilityComparison, "efficacy: P(new) > P(true) on edit prompt", "Efficacy (ES)", MappingProxyType({"expect": "new"}), magnitude="em", reads=("probabilities", "es")),
+    Score("ps", ProbabilityComparison, "paraphrase: P(new) > P(true)", "Paraphrase (PS)", MappingProxyType({"expect": "new"}), magnitude="pm", reads=("probabilities", "ps")),
+    Score("ns", ProbabilityComparison, "neighborhood: P(true) > P(new)", "Neighborhood (NS)", MappingProxyType({"expect": "true"}), magnitude="nm", reads=("probabilities", "ns")),
     Score("score", ProbabilityComparison, "S = harmonic mean of ES, PS, NS", "Score (S)", derived=True),
     Score("em", ProbabilityComparison, "efficacy magnitude P(new) - P(true)", "Efficacy magn. (EM)", derived=True),
     Score("pm", ProbabilityComparison, "paraphrase magnitude", "Paraphrase magn. (PM)", derived=True),
     Score("nm", ProbabilityComparison, "neighborhood magnitude P(true) - P(new)", "Neighborhood magn. (NM)", derived=True),
-    Score("fluency", NGramEntropy, "n-gram entropy of generations", "Fluency"),
+    Score("fluency", NGramEntropy, "n-gram entropy of generations", "Fluency", reads=("texts", "fluency")),
     _generation("reliability", "em", GenerationExactMatch, "edit prompt: greedy answer starts with new target", "Gen. reliability (exact)"),
     _generation("reliability", "contains", GenerationContains, "edit prompt: greedy answer contains new target", "Gen. reliability (contains)"),
     _generation("generalization", "em", GenerationExactMatch, "rephrased prompts: greedy answer starts with new target", "Gen. generalization (exact)"),
@@ -102,5 +107,5 @@ def score_of(key: str) -> Score:
         return BY_KEY[key]
     if key.startswith(PORTABILITY_KIND_PREFIX):
         kind = key.removeprefix(PORTABILITY_KIND_PREFIX).replace("_", " ")
-        return Score(key, TokenAccuracy, f"portability, {kind} probes: token accuracy", f"Portability ({kind})")
+        return Score(key, TokenAccuracy, f"portability, {kind} probes: token accuracy", f"Portability ({kind})", reads=("tokens", "portability"))
     raise KeyError(f"no score {key!r}; known: {', '.join(BY_KEY)}")

@@ -95,7 +95,7 @@ class TokenAccuracy(_TokenProtocol):
     case_score = staticmethod(token_accuracy)  # the per-case score this metric averages
 
     def update(self, predictions: Sequence[Tensor], targets: Sequence[Tensor]) -> None:
-        self._add_case(token_accuracy(predictions, targets))
+        self._add_case(self.case_score(predictions, targets))
 
 
 class LocalityAgreement(_TokenProtocol):
@@ -109,4 +109,4 @@ class LocalityAgreement(_TokenProtocol):
     case_score = staticmethod(locality_agreement)
 
     def update(self, post_predictions: Sequence[Tensor], pre_predictions: Sequence[Tensor]) -> None:
-        self._add_case(locality_agreement(post_predictions, pre_predictions))
+        self._add_case(self.case_score(post_predictions, pre_predictions))

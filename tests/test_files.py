@@ -40,3 +40,27 @@ def test_an_atomic_write_replaces_the_file_or_leaves_it_as_it_was(tmp_path):
         assert temporary.parent == target.parent and temporary != target
         temporary.write_bytes(b"second")
     assert target.read_text() == "second" and sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+
+
+def test_an_atomic_folder_appears_whole_and_its_leftovers_are_found(tmp_path):
+    from factedit.files import atomic_dir, leftovers
+
+    target = tmp_path / "edits" / "000001"
+    stale = tmp_path / "edits" / ".000001.partial"
+    stale.mkdir(parents=True)
+    (stale / "torn").write_text("x")
+    with atomic_dir(target) as staging:
+        assert staging == stale and not staging.exists()  # a killed write's staging folder is emptied first
+        staging.mkdir()
+        (staging / "edit.json").write_text("{}")
+        assert not target.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["edit.json"] and not stale.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "edits" / "000002") as staging:
+            staging.mkdir()
+            raise RuntimeError("killed")
+    assert not (tmp_path / "edits" / "000002").exists()
+    assert leftovers(tmp_path / "edits" / "000002") == [tmp_path / "edits" / ".000002.partial"]
+    (tmp_path / "edits" / ".summary.json.abc123.tmp").write_text("torn")
+    assert leftovers(tmp_path / "edits" / "summary.json") == [tmp_path / "edits" / ".summary.json.abc123.tmp"]
+    assert leftovers(tmp_path / "edits" / "000001") == []

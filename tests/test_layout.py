@@ -216,3 +216,27 @@ def test_every_method_package_is_named_as_registered():
         package = method.module.split(".")[2]
         assert package == name or name in ("ft_l", "ft_m", "pmet", "alphaedit"), (name, method.module)
         assert (ROOT / "editors" / package / "__init__.py").is_file()
+
+
+def test_an_editor_is_one_package(tmp_path, monkeypatch):
+    """The registry finds methods in the packages of the editors folder: a new method is a new
+    package whose config names what it registers; no other module changes."""
+    from factedit.editors.registry import METHODS, find_methods
+
+    root = tmp_path / "probe_editors"
+    (root / "core").mkdir(parents=True)
+    (root / "core" / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "mine").mkdir()
+    (root / "mine" / "__init__.py").write_text("")
+    (root / "mine" / "config.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from factedit.editors.config import EditorConfig\n\n"
+        "@dataclass\nclass MineConfig(EditorConfig):\n    strength: float = 1.0\n\n"
+        "REGISTERS = {'mine': ('editor', 'MineConfig')}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = find_methods(root, "probe_editors")
+    assert list(found) == ["mine"] and found["mine"].module == "probe_editors.mine.editor"
+    assert found["mine"].config == "probe_editors.mine.config:MineConfig"
+    assert find_methods() == dict(METHODS) and len(METHODS) == 16

@@ -30,3 +30,8 @@ class CaliNETConfig(EditorConfig):
             raise ValueError("layers must name at least one block")
         if self.n_slots < 1 or self.steps < 1 or self.lr <= 0:
             raise ValueError("n_slots and steps must be >= 1 and lr > 0")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"calinet": ("editor", "CaliNETConfig")}

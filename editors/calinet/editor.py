@@ -34,8 +34,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id
+from factedit.models import frozen
+
 from ..base import Editor, EditRequest, register_editor
-from ..core.patch import FFNPatchEdit, NeuronHook, freeze, unfreeze
+from ..core.patch import FFNPatchEdit, NeuronHook
 from ..core.lm import collate_pairs, encode_pair, minimise_target_nll, model_device
 from ..core.prefix import frozen_below
 from ..core.targets import get_module, get_targets, resolve_layer
@@ -71,21 +74,19 @@ class CaliNET(Editor):
         for r in requests:
             prompts = [r.prompt] + (list(r.rephrase_prompts) if config.rephrases else [])
             pairs += [encode_pair(tokenizer, p, r.target_new) for p in prompts]
-        batch = collate_pairs(pairs, tokenizer.pad_token_id, device)
+        batch = collate_pairs(pairs, pad_id(tokenizer), device)
         optimizer = torch.optim.Adam([t for kv in slots.values() for t in kv], lr=config.lr, weight_decay=config.weight_decay)
 
-        previous_grad = freeze(model)
         handles = [
             get_module(model, name).register_forward_hook(NeuronHook(keys, None, values, config.activation), with_kwargs=True)
             for name, (keys, values) in slots.items()
         ]
         try:
-            with frozen_below(model, targets, layers[0], batch.input_ids, batch.attention_mask):  # the lowest slots' block up
+            with frozen(model), frozen_below(model, targets, layers[0], batch.input_ids, batch.attention_mask):  # the lowest slots' block up
                 step, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss)
         finally:
             for handle in handles:
                 handle.remove()
-            unfreeze(model, previous_grad)
         logger.debug("calinet: %d steps, final loss %.4f", step, loss_value)
         edit = CaliNETEdit(
             self.name,

@@ -36,7 +36,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from factedit.files import cache_root, write_text_atomically
+from factedit.batches import start_id
+from factedit.files import cache_root
+from factedit.jsonl import JsonlError, parse_lines, read_jsonl, write_jsonl
 
 from .lm import cache_kwargs, cache_of, model_device
 
@@ -95,9 +97,7 @@ def model_samples(
     """
     if n_texts < 1 or length < 1 or batch_size < 1:
         raise ValueError(f"n_texts, length and batch_size must be >= 1, got {n_texts}, {length}, {batch_size}")
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start unconditional samples from")
+    start = start_id(tokenizer)
     limit = max_positions(model)
     if limit is not None and length + 1 > limit:
         raise ValueError(f"samples of {length} tokens after the start token exceed the model's {limit} positions")
@@ -139,7 +139,7 @@ def _read_samples(path: Path, n_texts: int) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [record["text"] for record in read_jsonl(path)]
         if len(texts) != n_texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"expected {n_texts} text records, found {len(texts)}")
         return texts
@@ -153,7 +153,7 @@ def _cached_samples(model, tokenizer, fingerprint: str, n_texts: int, length: in
     texts = _read_samples(path, n_texts)
     if texts is None:
         texts = model_samples(model, tokenizer, n_texts, length=length, seed=seed, progress=progress)
-        write_text_atomically(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+        write_jsonl(path, ({"text": t} for t in texts), ensure_ascii=False)
     return texts
 
 
@@ -187,16 +187,11 @@ def _json_records(path: Path, content: str) -> Iterator[tuple[str, object]]:
             for index, record in enumerate(data):
                 yield f"record {index}", record
             return
-    index = 0
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}: record {index} (line {number}) is not valid JSON ({err})") from err
-        yield f"record {index} (line {number})", record
-        index += 1
+    try:
+        for index, (number, record) in enumerate(parse_lines(content, path)):
+            yield f"record {index} (line {number})", record
+    except JsonlError as err:
+        raise CorpusError(f"{path}: record {err.index} (line {err.line}) is not valid JSON ({err.reason})") from err
 
 
 def _json_texts(path: Path, content: str) -> Iterator[str]:
@@ -296,11 +291,3 @@ def open_corpus(
     if path.exists():
         return _open_path(path, n_texts)
     raise CorpusError(f"unknown corpus {spec!r} (no such file or folder); the corpus must be {CORPUS_FORMS}")
-
-
-def resolve_corpus(
-    spec: str, model: torch.nn.Module, tokenizer, n_texts: int, *, length: int = 128, seed: int = 0, model_id: str | None = None, progress: bool = True
-) -> tuple[list[str], str]:
-    """``(texts, corpus_id)`` for corpus ``spec``: see the module's table of specs."""
-    source = open_corpus(spec, model, tokenizer, n_texts, length=length, seed=seed, model_id=model_id, progress=progress)
-    return source.load(), source.id

@@ -22,6 +22,8 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id, right_pad
+
 from ..base import EditError
 from .lm import model_device
 from .targets import get_module
@@ -139,15 +141,9 @@ def module_inputs(model: nn.Module, module_name: str, input_ids: torch.Tensor, a
 def inputs_at_every_token(model: nn.Module, tokenizer: Any, module_name: str, texts: Sequence[str]) -> torch.Tensor:
     """The inputs of ``module_name`` at every (non-padding) position of ``texts``: ``[n_positions, d]``."""
     device = model_device(model)
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
-    hidden = module_inputs(model, module_name, ids.to(device), mask.to(device))
-    return hidden[mask.to(device).bool()]
+    ids, mask = right_pad([tokenizer(t)["input_ids"] for t in texts], pad_id(tokenizer), device)
+    hidden = module_inputs(model, module_name, ids, mask)
+    return hidden[mask.bool()]
 
 
 class ModuleMemory:

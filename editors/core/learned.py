@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from factedit.batches import IGNORE_INDEX, labelled_batch, pad_id, teacher_forced
+
 from ..base import EditError, EditRequest
 from ..config import LearnedConfig  # defined with the other configs, importable without torch
 from .lm import encode_pair, hidden_states, model_device, unembed
@@ -35,7 +37,6 @@ NETWORK_FILE = "editor.safetensors"
 META_FILE = "editor.json"
 NETWORK_PREFIX = "net."  # the network's attribute name in the LightningModules
 CHECKPOINT_FORMAT_VERSION = 1
-IGNORE_INDEX = -100
 
 
 class CheckpointError(EditError):
@@ -92,22 +93,8 @@ def model_signature(model: nn.Module, modules: Sequence[str]) -> dict[str, Any]:
 def pair_batch(tokenizer, pairs: Sequence[tuple[str, str]], device: torch.device | str, max_length: int = 128) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` for (prompt, target) pairs, with
     labels ``-100`` outside the target: the layout of :mod:`datamodules.edit_datamodule`."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    for prompt, target in pairs:
-        p, t = encode_pair(tokenizer, prompt, target)
-        t = t[: max_length - 1]
-        p = p[max(0, len(p) - (max_length - len(t))) :]
-        rows.append((p + t, [IGNORE_INDEX] * len(p) + t))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+    rows = [teacher_forced(*encode_pair(tokenizer, prompt, target), max_length) for prompt, target in pairs]
+    return labelled_batch(rows, pad_id(tokenizer), device)
 
 
 def request_batches(tokenizer, requests: Sequence[EditRequest], device: torch.device | str) -> dict[str, torch.Tensor]:

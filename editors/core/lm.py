@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import right_pad
+
 
 # -- the key-value cache under both of its names ----------------------------------------------
 # transformers renamed the forward argument and output field ``past_key_values`` to ``cache``
@@ -123,14 +125,11 @@ class PairBatch:
 
 
 def collate_pairs(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu") -> PairBatch:
-    width = max(len(p) + len(t) for p, t in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    """``encoded`` (pairs of prompt and target ids, :func:`encode_pair`) right-padded with
+    ``pad_id`` (:func:`factedit.batches.pad_id` of the tokenizer)."""
+    input_ids, attention_mask = right_pad([p + t for p, t in encoded], pad_id)
     rows, cols, targets, lengths = [], [], [], []
     for i, (p, t) in enumerate(encoded):
-        seq = p + t
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
         rows += [i] * len(t)
         cols += range(len(p) - 1, len(p) + len(t) - 1)
         targets += t

@@ -224,14 +224,3 @@ def patch_hooks(module: nn.Module) -> list[NeuronHook]:
     return [hook for hook in module._forward_hooks.values() if isinstance(hook, NeuronHook)]
 
 
-def freeze(model: nn.Module) -> dict[str, bool]:
-    """Switch off gradients of every parameter; returns the previous flags for :func:`unfreeze`."""
-    previous = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    return previous
-
-
-def unfreeze(model: nn.Module, previous: dict[str, bool]) -> None:
-    for n, p in model.named_parameters():
-        p.requires_grad_(previous[n])
-        p.grad = None

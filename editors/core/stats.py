@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from factedit.batches import pad_id, right_pad
 from factedit.files import atomic_path, cache_root
 from factedit.models import model_fingerprint
 
@@ -86,13 +87,7 @@ def _encode(tokenizer, texts: list[str], max_length: int, device: torch.device) 
     Under causal attention, right padding leaves every real token's keys as they are unpadded.
     """
     encoded = [ids for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if ids]
-    width = max((len(ids) for ids in encoded), default=0)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return right_pad(encoded, pad_id(tokenizer), device)
 
 
 def _inputs_until(model: torch.nn.Module, module_names: Sequence[str], **inputs) -> dict[str, torch.Tensor]:
@@ -148,21 +143,6 @@ def second_moments(
     return {name: SecondMoment(totals[name].cpu(), count) for name in names}
 
 
-def second_moment(
-    model: torch.nn.Module,
-    tokenizer,
-    module_name: str,
-    texts: Iterable[str],
-    max_texts: int,
-    max_length: int = 256,
-    batch_size: int = 8,
-    dtype: torch.dtype = torch.float64,
-    progress: bool = True,
-) -> SecondMoment:
-    """:func:`second_moments` of a single module."""
-    return second_moments(model, tokenizer, [module_name], texts, max_texts, max_length, batch_size, dtype, progress)[module_name]
-
-
 def stats_key(model_id: str, module_name: str, corpus_id: str, max_texts: int, max_length: int, dtype: torch.dtype) -> str:
     """The cache key: a hash of everything that determines the statistics."""
     spec = dict(
@@ -199,34 +179,6 @@ class _Entry:
         """Store atomically: a temporary file beside the entry, renamed into place."""
         with atomic_path(self.path) as temporary:
             save_file({"total": stats.total.contiguous(), "count": torch.tensor(stats.count)}, str(temporary), metadata=self.metadata)
-
-
-def cached_second_moment(
-    model: torch.nn.Module,
-    tokenizer,
-    module_name: str,
-    texts: Iterable[str],
-    corpus_id: str,
-    cache_dir: str | Path,
-    max_texts: int,
-    max_length: int = 256,
-    batch_size: int = 8,
-    dtype: torch.dtype = torch.float64,
-    model_id: str | None = None,
-    progress: bool = True,
-) -> SecondMoment:
-    """:func:`second_moment`, read from ``cache_dir`` when it was computed before.
-
-    ``model_id`` defaults to :func:`model_fingerprint`; pass the unedited model's fingerprint to
-    keep using its statistics while the model is being edited.
-    """
-    model_id = model_id or model_fingerprint(model)
-    entry = _Entry.of(cache_dir, model_id, module_name, corpus_id, max_texts, max_length, dtype)
-    stats = entry.read()
-    if stats is None:
-        stats = second_moment(model, tokenizer, module_name, texts, max_texts, max_length, batch_size, dtype, progress)
-        entry.write(stats)
-    return stats
 
 
 def fit_length(model: torch.nn.Module, max_length: int) -> int:

@@ -39,3 +39,8 @@ class ENNConfig(LearnedConfig):
             raise ValueError(f"n_edit_steps must be at least 1, got {self.n_edit_steps}")
         if not self.edit_lr_init > 0:
             raise ValueError(f"edit_lr_init must be positive, got {self.edit_lr_init}")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"enn": ("editor", "ENNConfig")}

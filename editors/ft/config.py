@@ -48,3 +48,8 @@ class FTLConfig(FTConfig):
 @dataclass
 class FTMConfig(FTConfig):
     objective: str = "target_tokens"
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"ft_l": ("editor", "FTLConfig"), "ft_m": ("editor", "FTMConfig")}

@@ -20,6 +20,9 @@ from typing import Sequence
 
 import torch
 
+from factedit.batches import pad_id
+from factedit.models import frozen
+
 from ..base import Edit, Editor, EditRequest, register_editor, snapshot_deltas
 from ..core.lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
 from ..core.targets import get_parameter_name, get_targets, resolve_layer
@@ -54,11 +57,7 @@ class FineTune(Editor):
         originals = {n: params[n].detach().clone() for n in names}
         batch = self._batch(model, tokenizer, requests, config)
 
-        previous_grad = {n: p.requires_grad for n, p in params.items()}
-        model.requires_grad_(False)
         tuned = [params[n] for n in names]
-        for p in tuned:
-            p.requires_grad_(True)
         optimizer = torch.optim.Adam(tuned, lr=config.lr, weight_decay=config.weight_decay)
 
         @torch.no_grad()
@@ -68,16 +67,13 @@ class FineTune(Editor):
                 p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
 
         try:
-            steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
+            with frozen(model, trainable=tuned):
+                steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
         except BaseException:  # training changes the weights in place: put them back before failing
             with torch.no_grad():
                 for name, original in originals.items():
                     params[name].copy_(original)
             raise
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(previous_grad[n])
-                p.grad = None
         deltas = snapshot_deltas(model, originals)
         logger.debug("%s: %d steps, final loss %.4f", self.name, steps_run, loss_value)
         edit = Edit(self.name, deltas, [r.case_id for r in requests], config.to_dict(), {"steps": steps_run, "final_loss": loss_value})
@@ -86,7 +82,7 @@ class FineTune(Editor):
     @staticmethod
     def _batch(model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> PairBatch:
         encoded = [encode_pair(tokenizer, r.prompt, r.target_new) for r in requests]
-        batch = collate_pairs(encoded, tokenizer.pad_token_id, model_device(model))
+        batch = collate_pairs(encoded, pad_id(tokenizer), model_device(model))
         if config.objective == "prompt_last":
             # Every target token is scored at the prompt's last position; the target tokens that
             # follow in the input cannot influence that position under causal attention.

@@ -33,3 +33,8 @@ class GRACEConfig(EditorConfig):
             raise ValueError(f"eps_init must be positive, got {self.eps_init}")
         if self.steps < 0 or self.lr <= 0:
             raise ValueError("steps must be >= 0 and lr positive")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"grace": ("editor", "GRACEConfig")}

@@ -52,6 +52,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id
+
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
 from ..core.hooks import ModuleMemory, first_tensor, replace_first, trace
 from ..core.lm import collate_pairs, encode_pair, model_device, target_nll
@@ -304,7 +306,7 @@ class GRACE(Editor):
 
         # Keys: the wrapped module's input at each prompt's last token (the layer's own output there
         # is the values' warm start). A codebook at this layer does not change its own input.
-        prompts = collate_pairs([(p, p[-1:]) for p, _ in encoded], tokenizer.pad_token_id, device)
+        prompts = collate_pairs([(p, p[-1:]) for p, _ in encoded], pad_id(tokenizer), device)
         last = torch.tensor([len(p) - 1 for p, _ in encoded], device=device)
         rows = torch.arange(len(encoded), device=device)
         with torch.no_grad(), trace(model, [module_name], inputs=True, outputs=True) as traced:
@@ -342,7 +344,7 @@ class GRACE(Editor):
         if not encoded:
             return warm.detach().cpu()
         device = model_device(model)
-        batch = collate_pairs(encoded, tokenizer.pad_token_id, device)
+        batch = collate_pairs(encoded, pad_id(tokenizer), device)
         rows = torch.arange(len(encoded), device=device)
         cols = torch.tensor([len(p) - 1 for p, _ in encoded], device=device)
         values = warm.detach().clone().requires_grad_(True)

@@ -23,3 +23,8 @@ class IKEConfig(EditorConfig):
     def __post_init__(self) -> None:
         if self.k < 0 or self.pool_limit < 0 or self.embed_batch_size < 1:
             raise ValueError("k and pool_limit must be >= 0 and embed_batch_size >= 1")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"ike": ("editor", "IKEConfig")}

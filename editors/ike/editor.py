@@ -61,6 +61,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from factedit.batches import pad_id, right_pad
+
 from ..base import Edit, EditError, Editor, EditRequest, register_editor
 from ..core.facts import BUILTIN_POOL
 from ..core.lm import cache_argument, cache_in, cache_of, join_text, model_device
@@ -316,13 +318,7 @@ def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], 
     out = []
     for start in range(0, len(sentences), batch_size):
         encoded = [list(tokenizer(s)["input_ids"]) for s in sentences[start : start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)] = torch.tensor(e)
-            mask[i, : len(e)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_pad(encoded, pad_id(tokenizer), device)
         if prefix is not None:
             with prefix.suspended():
                 hidden = hidden_states(model, ids, mask)

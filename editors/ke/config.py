@@ -43,3 +43,8 @@ class KEConfig(LearnedConfig):
             raise ValueError("lstm_hidden, condition_dim and head_hidden must be positive")
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"ke": ("editor", "KEConfig")}

@@ -60,3 +60,8 @@ class KNConfig(EditorConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.lambda_erase == 0 and self.lambda_new == 0:
             raise ValueError("lambda_erase and lambda_new are both 0: the edit would change nothing")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"kn": ("editor", "KNConfig")}

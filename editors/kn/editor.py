@@ -54,6 +54,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from factedit.models import frozen
+
 from ..base import Edit, Editor, EditRequest, ParamDelta, register_editor
 from ..core.hooks import edit_input, trace
 from ..core.lm import cache_kwargs, cache_of, encode_pair, model_device, unembed
@@ -224,14 +226,8 @@ class KnowledgeNeurons(Editor):
                 f"{embeddings.shape[1]}; this architecture projects before the unembedding and is not supported"
             )
 
-        params = dict(model.named_parameters())
-        previous_grad = {n: p.requires_grad for n, p in params.items()}
-        model.requires_grad_(False)
-        try:
+        with frozen(model):
             located = [self._locate(model, tokenizer, request, module_names, config) for request in requests]
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(previous_grad[n])
 
         # Section 5.1: one slot update per (request, neuron), grouped by the layer it edits.
         columns: dict[int, list[torch.Tensor]] = {}

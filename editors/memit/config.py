@@ -45,3 +45,8 @@ class AlphaEditConfig(MEMITConfig):
         super().__post_init__()
         if self.nullspace_threshold <= 0 or self.l2 < 0:
             raise ValueError("nullspace_threshold must be > 0 and l2 >= 0")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"memit": ("editor", "MEMITConfig"), "pmet": ("pmet", "PMETConfig"), "alphaedit": ("alphaedit", "AlphaEditConfig")}

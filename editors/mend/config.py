@@ -30,3 +30,8 @@ class MENDConfig(LearnedConfig):
             raise ValueError("rank and n_hidden must be at least 1")
         if self.edit_lr_init <= 0:
             raise ValueError("edit_lr_init must be positive")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"mend": ("editor", "MENDConfig")}

@@ -54,3 +54,8 @@ class LocateConfig(EditorConfig):
 class ROMEConfig(LocateConfig):
     # SmolLM2-135M: see configs/rome/README.md for how the layer was chosen.
     layer: int = field(default=4, metadata={"help": "block whose MLP output projection is edited"})
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"rome": ("editor", "ROMEConfig")}

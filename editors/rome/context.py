@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from factedit.batches import pad_id, start_id
+
 from ..core.lm import model_device
 
 
@@ -22,9 +24,7 @@ def sample_prefixes(model, tokenizer, count: int, length: int, seed: int = 0, to
     """
     if count <= 0:
         return []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    start = start_id(tokenizer)
     device = model_device(model)
     input_ids = torch.full((count, 1), start, dtype=torch.long, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -39,7 +39,7 @@ def sample_prefixes(model, tokenizer, count: int, length: int, seed: int = 0, to
                 temperature=1.0,
                 max_new_tokens=length,
                 min_new_tokens=length,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+                pad_token_id=pad_id(tokenizer),
             )
     texts = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
     return [" ".join(t.replace("{", "").replace("}", "").split()) + ". " for t in texts]

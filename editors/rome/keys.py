@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id, right_pad
+
 from ..base import EditRequest
 from ..core.hooks import trace
 from ..core.lm import model_device
@@ -41,16 +43,11 @@ def subject_reads(
             owner.append(j)
     wanted = [("input", name) for name in inputs_of] + [("output", name) for name in outputs_of]
     device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     sums: dict[tuple[str, str], torch.Tensor] = {}
     for begin in range(0, len(sequences), batch_rows):
         chunk = sequences[begin : begin + batch_rows]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, seq in enumerate(chunk):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = right_pad(chunk, pad)
         rows = torch.arange(len(chunk), device=device)
         cols = torch.tensor(positions[begin : begin + batch_rows], device=device)
         seen = _run_until_seen(model, wanted, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)

@@ -14,7 +14,7 @@ them together gives each the result it would get alone. A request stops once its
 reached (its NLL falls below ``stop_loss``); its rows are dropped from the batch and its vector
 is frozen. ROME's code applies the threshold to the whole loss, which the KL and norm terms
 usually keep above it, so that every edit runs all its steps. Each pass reuses the unchanged
-prefix and runs only the edited block and those above it (:class:`editors.prefix.FrozenPrefix`);
+prefix and runs only the edited block and those above it (:class:`factedit.editors.core.prefix.FrozenPrefix`);
 logits are computed only where a loss reads them.
 """
 
@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from factedit.batches import pad_id
+from factedit.models import frozen
 
 from ..base import EditRequest
 from ..core.hooks import edit_output
@@ -140,10 +143,10 @@ def _mean_by_request(values: torch.Tensor, request: torch.Tensor, n: int) -> tor
 def _optimise_chunk(model, tokenizer, requests, prefixes, targets, layer, config, edited, record_outputs, reference, decay_power) -> Values:
     n = len(requests)
     rows = _build_rows(tokenizer, requests, prefixes, config.kl_prompt)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     watched = list(dict.fromkeys([*edited, *record_outputs, *reference.values()]))
-    frozen = FrozenPrefix(model, targets, rows.sequences, rows.splits, layer, pad, record=watched)
-    device = frozen.suffix_ids.device
+    prefix = FrozenPrefix(model, targets, rows.sequences, rows.splits, layer, pad, record=watched)
+    device = prefix.suffix_ids.device
     request = torch.tensor(rows.request, device=device)
     is_kl = torch.tensor(rows.is_kl, device=device)
     rewrite = ~is_kl
@@ -153,13 +156,13 @@ def _optimise_chunk(model, tokenizer, requests, prefixes, targets, layer, config
     def averaged(tensor: torch.Tensor) -> torch.Tensor:
         return _mean_by_request(tensor[rewrite][:, 0].float(), request[rewrite], n)
 
-    keys = {m: averaged(frozen.recorded[m].input) for m in edited}
-    outputs = {m: averaged(frozen.recorded[m].output) for m in watched}
+    keys = {m: averaged(prefix.recorded[m].input) for m in edited}
+    outputs = {m: averaged(prefix.recorded[m].output) for m in watched}
 
     # Essence prompts: the unedited next-token distribution at the subject's last token.
     kl_rows = is_kl.nonzero()[:, 0]
     with torch.no_grad():
-        kl_reference = torch.log_softmax(unembed(model, frozen.unedited_hidden[kl_rows, 0]).float(), dim=-1)
+        kl_reference = torch.log_softmax(unembed(model, prefix.unedited_hidden[kl_rows, 0]).float(), dim=-1)
     target_row = torch.tensor([r for r, _, _ in rows.targets], device=device)
     target_col = torch.tensor([c for _, c, _ in rows.targets], device=device)
     target_tok = torch.tensor([t for _, _, t in rows.targets], device=device)
@@ -179,14 +182,12 @@ def _optimise_chunk(model, tokenizer, requests, prefixes, targets, layer, config
 
         return add
 
-    previous_grad = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    try:
+    with frozen(model):
         for step in range(config.v_steps):
             with contextlib.ExitStack() as stack:
                 for m in edited:
                     stack.enter_context(edit_output(model, m, adder(deltas[m])))
-                hidden = frozen.hidden()
+                hidden = prefix.hidden()
             # Map original row ids to positions in the live batch.
             position = torch.full((len(rows.sequences),), -1, dtype=torch.long, device=device)
             position[live] = torch.arange(len(live), device=device)
@@ -215,7 +216,7 @@ def _optimise_chunk(model, tokenizer, requests, prefixes, targets, layer, config
                 if done.all():
                     break
                 live = live[~done[request[live]]]
-                frozen.select(position[live])
+                prefix.select(position[live])
             steps[(~done).cpu()] += 1
             optimiser.zero_grad(set_to_none=True)
             loss[~done].sum().backward()
@@ -227,8 +228,5 @@ def _optimise_chunk(model, tokenizer, requests, prefixes, targets, layer, config
                     max_norm = config.clamp_norm_factor * reference_norm[m]
                     norms = delta.norm(dim=1)
                     delta.mul_(torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))[:, None])
-    finally:
-        for p, flag in previous_grad.items():
-            p.requires_grad_(flag)
     logger.debug("values: steps %s, final losses %s", steps.tolist(), final_loss.tolist())
     return Values({m: d.detach() for m, d in deltas.items()}, keys, outputs, steps.tolist(), final_loss.tolist())

@@ -46,3 +46,8 @@ class SERACConfig(LearnedConfig):
             raise ValueError(f"init_scale must be positive, got {self.init_scale}")
         if not -1.0 <= self.init_threshold <= 1.0:
             raise ValueError(f"init_threshold is a cosine similarity in [-1, 1], got {self.init_threshold}")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"serac": ("editor", "SERACConfig")}

@@ -45,3 +45,8 @@ class TPatcherConfig(EditorConfig):
             raise ValueError(f"memory_margin ({self.memory_margin}) must be below act_margin ({self.act_margin})")
         if min(self.edit_weight, self.act_weight, self.memory_weight) < 0:
             raise ValueError("loss weights must be non-negative")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"t_patcher": ("editor", "TPatcherConfig")}

@@ -45,8 +45,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id
+from factedit.models import frozen
+
 from ..base import Editor, EditRequest, register_editor
-from ..core.patch import FFNPatchEdit, NeuronHook, freeze, memory_texts, patch_hooks, unfreeze
+from ..core.patch import FFNPatchEdit, NeuronHook, memory_texts, patch_hooks
 from ..core.hooks import inputs_at_every_token, module_inputs
 from ..core.lm import collate_pairs, encode_pair, hinge, model_device, target_nll
 from ..core.prefix import frozen_below
@@ -127,14 +130,13 @@ class TPatcher(Editor):
         keys, bias = keys.clone().requires_grad_(True), bias.clone().requires_grad_(True)
         values = torch.zeros(len(requests), d_out, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([keys, bias, values], lr=config.lr)
-        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], tokenizer.pad_token_id, device)
+        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], pad_id(tokenizer), device)
         others = ~torch.eye(len(requests), dtype=torch.bool, device=device)
 
-        previous_grad = freeze(model)
         handle = module.register_forward_hook(NeuronHook(keys, bias, values, config.activation), with_kwargs=True)
         step, losses = 0, {}
         try:
-            with frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
+            with frozen(model), frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
                 for step in range(1, config.steps + 1):
                     z_edit = q_edit @ keys.T + bias  # [n_requests, n_neurons]
                     l_edit = target_nll(model, batch).mean()
@@ -152,7 +154,6 @@ class TPatcher(Editor):
                     optimizer.step()
         finally:
             handle.remove()
-            unfreeze(model, previous_grad)
         logger.debug("t_patcher: %d steps, final losses %s", step, losses)
         edit = TPatcherEdit(
             self.name,

@@ -47,3 +47,8 @@ class WISEConfig(EditorConfig):
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.alpha >= self.beta:
             raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta})")
+
+
+# What this package registers: method name -> (the module of this package whose import registers
+# it, its config class above). The editor registry reads this to find the method.
+REGISTERS = {"wise": ("editor", "WISEConfig")}

@@ -66,8 +66,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from factedit.batches import pad_id
+from factedit.models import frozen
+
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
-from ..core.patch import freeze, memory_texts, module_input, unfreeze
+from ..core.patch import memory_texts, module_input
 from ..core.hooks import ModuleMemory, first_tensor, replace_first, inputs_at_every_token, trace
 from ..core.lm import collate_pairs, encode_pair, hinge, model_device, target_nll
 from ..core.prefix import frozen_below
@@ -300,7 +303,7 @@ class WISE(Editor):
         memory = SideMemory.of(model, module_name)
         shard = (memory.requests() if memory is not None else 0) // config.shard_size
 
-        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], tokenizer.pad_token_id, device)
+        batch = collate_pairs([encode_pair(tokenizer, r.prompt, r.target_new) for r in requests], pad_id(tokenizer), device)
         if memory is not None:
             memory.enabled = False  # train the shard alone, as the paper does
         try:
@@ -343,11 +346,10 @@ class WISE(Editor):
             fire = at | (extra.detach().float().norm(dim=-1) > eps)
             return replace_first(output, out + extra * fire[..., None].to(out.dtype))
 
-        previous = freeze(model)
         handle = module.register_forward_hook(side, with_kwargs=True)
         steps, losses = 0, {}
         try:
-            with frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
+            with frozen(model), frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
                 for steps in range(1, config.steps + 1):
                     edit_act = activations(answer_inputs, delta)
                     eps = config.act_ratio * edit_act.detach().min()
@@ -371,5 +373,4 @@ class WISE(Editor):
                             delta.clamp_(-config.norm_constraint, config.norm_constraint)
         finally:
             handle.remove()
-            unfreeze(model, previous)
         return delta.detach(), steps, losses

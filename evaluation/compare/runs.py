@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from factedit.jsonl import read_numbered
+
 from ..report import ROWS
 from ..run_dir import RunDir, RunDirError
 from .budget import Checkpoint, HeadlineMap, headline, number
@@ -63,13 +65,7 @@ def read_checkpoints(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; a sequential run writes its checkpoints there")
     checkpoints: dict[int, dict[str, Any]] = {}
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+    for line_number, record in read_numbered(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {line_number} is not a JSON object")
         edits = record.get("edits")
@@ -93,20 +89,8 @@ def read_cases(path: Path) -> list[dict[str, Any]]:
     """The lines of ``cases.jsonl`` (empty when the file is missing). A torn last line (a run
     writing, or killed while writing) is left out with a warning, and the file left as it is;
     any other damaged line is an error naming the file and line."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
     records = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if line_number == len(lines):
-                logger.warning("%s: leaving out an incomplete last line (a run still writing, or interrupted)", path)
-                break
-            raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+    for line_number, record in read_numbered(path, torn_tail="skip"):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {line_number} is not a JSON object")
         records.append(record)

@@ -59,13 +59,45 @@ prompt, metrics and headline metric), :mod:`.readers` (raw files -> documents), 
 """
 
 
-from ..config import GENERAL_SOURCES as SOURCES
-from ..config import TASKS, GeneralConfig, UnknownTaskError, check_tasks
-from ..scoring import uses_chat_template
-from .data import MissingDataError, default_data_dir, hub_task_names
-from .scorer import PrefixScorer
-from .suite import GeneralRun, TaskCost, evaluate_general, run_general
-from .tasks import HEADLINE, TASK_TABLE, Task
+import importlib
+from typing import Any
+
+# What each public name is imported from. The names are loaded on first use (PEP 562), so that
+# importing the torch-free task table (``evaluation.config`` reads the task names from it) does
+# not import the scorer and torch.
+_EXPORTS = {
+    "SOURCES": ("..config", "GENERAL_SOURCES"),
+    "TASKS": (".tasks", "TASKS"),
+    "GeneralConfig": ("..config", "GeneralConfig"),
+    "UnknownTaskError": ("..config", "UnknownTaskError"),
+    "check_tasks": ("..config", "check_tasks"),
+    "uses_chat_template": ("..scoring", "uses_chat_template"),
+    "MissingDataError": (".data", "MissingDataError"),
+    "default_data_dir": (".data", "default_data_dir"),
+    "hub_task_names": (".data", "hub_task_names"),
+    "PrefixScorer": (".scorer", "PrefixScorer"),
+    "GeneralRun": (".suite", "GeneralRun"),
+    "TaskCost": (".suite", "TaskCost"),
+    "evaluate_general": (".suite", "evaluate_general"),
+    "run_general": (".suite", "run_general"),
+    "HEADLINE": (".tasks", "HEADLINE"),
+    "TASK_TABLE": (".tasks", "TASK_TABLE"),
+    "Task": (".tasks", "Task"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "HEADLINE",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -15,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 
 
-from factedit.files import write_text_atomically
+from factedit.jsonl import write_jsonl
 
 from ..config import GeneralConfig
 from ..safety import SAFETY_SETS, RefusalResults, default_safety_dir, load_judge
@@ -77,7 +76,7 @@ def _derived_file(name: str, paths: list[Path], read: Callable[..., list[dict]],
     docs = read(*paths)
     if not docs:
         raise ValueError(f"general task {name!r}: no items found in {', '.join(map(str, paths))}")
-    write_text_atomically(target, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
+    write_jsonl(target, docs, ensure_ascii=False)
     logger.info("general: wrote %s (%d documents) from %s", target, len(docs), ", ".join(map(str, paths)))
     return target, docs
 

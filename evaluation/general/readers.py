@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from factedit.jsonl import read_jsonl
+
 
 
 logger = logging.getLogger(__name__)
@@ -29,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 def read_documents(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return read_jsonl(path)
 
 
 def _mc_block(question: str, options: Sequence[str], letters: str) -> str:

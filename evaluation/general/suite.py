@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from factedit.batches import pad_id
 from factedit.files import cache_root
 
 from ..config import GENERAL_SOURCES as SOURCES
@@ -47,7 +48,7 @@ def in_memory_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int):
         def __init__(self) -> None:
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             self.costs: dict[str, TaskCost] = defaultdict(TaskCost)
-            self.scorer = PrefixScorer(model, self.max_length, batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+            self.scorer = PrefixScorer(model, self.max_length, batch_size, pad_id=pad_id(self.tokenizer))
             self.shared_prefix = self.backend == "causal" and self.scorer.check()
             self._task, self._progress = None, True
 

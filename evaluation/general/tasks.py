@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 
 
-from ..config import TASKS
 from ..safety import SAFETY_SETS, read_toxigen
 from .readers import (
     norm_arc_challenge,
@@ -210,7 +209,11 @@ TASK_TABLE["toxigen"] = Task(
     root="safety",
     hint=" (ToxiGen's 940 annotated test statements are not in the shared folder: save the 'annotated' test split of skg/toxigen-data there as that file, or use source='hub')",
 )
-assert set(TASK_TABLE) == set(TASKS)
+TASKS: tuple[str, ...] = tuple(TASK_TABLE)
+"""The task names, in the table's order (the order of ``--help`` and of the printed results)."""
+SAFETY_TASKS: tuple[str, ...] = tuple(name for name, task in TASK_TABLE.items() if task.root == "safety")
+"""Refusal of harmful requests and over-refusal of safe ones, and ToxiGen's hate-speech
+classification (:mod:`evaluation.safety`), run as tasks of the same suite."""
 
 HEADLINE: dict[str, tuple[str, str]] = {name: task.headline for name, task in TASK_TABLE.items()}
 """Each task's headline metric and direction, read from its row."""

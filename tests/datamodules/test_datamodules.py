@@ -17,14 +17,13 @@ from transformers import PreTrainedTokenizerFast
 from factedit import datamodules
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
+from factedit.batches import IGNORE_INDEX
 from factedit.datamodules.edit_datamodule import (
-    IGNORE_INDEX,
     PARTS,
     CounterFactDataModule,
     EditDataModule,
     EpochShuffle,
     ZsREDataModule,
-    join_prompt_target,
     prompt_template,
     split_indices,
     template_ids,
@@ -296,13 +295,6 @@ def test_a_tokenizer_name_is_loaded_lazily(counterfact_file, tokenizer, monkeypa
     module.setup("fit")
     next(iter(module.train_dataloader()))
     assert calls == ["tiny-model"]
-
-
-def test_long_pairs_lose_the_start_of_the_prompt():
-    ids, labels = join_prompt_target([1, 2, 3, 4, 5], [8, 9], max_length=4)
-    assert ids == [4, 5, 8, 9] and labels == [IGNORE_INDEX, IGNORE_INDEX, 8, 9]
-    ids, labels = join_prompt_target([1, 2], [7, 8, 9], max_length=3)
-    assert ids == [2, 7, 8] and labels == [IGNORE_INDEX, 7, 8]
 
 
 def test_subclasses_default_to_the_demo_sets(tokenizer):

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from factedit.editors.core import corpus
-from factedit.editors.core.corpus import CorpusError, model_samples, resolve_corpus
+from factedit.editors.core.corpus import CorpusError, model_samples, open_corpus
 from factedit.models import model_fingerprint
 from helpers import build_gpt2, build_llama, build_tokenizer
 
@@ -35,6 +35,12 @@ def test_model_samples_are_reproducible_per_seed(build, tokenizer):
     assert first != other
     assert len(set(first)) == 5, "the texts of one batch must differ"
 
+
+
+def resolve_corpus(spec, model, tokenizer, n_texts, **kwargs):
+    """``(texts, corpus id)`` of a corpus spec, as the statistics read them."""
+    source = open_corpus(spec, model, tokenizer, n_texts, **kwargs)
+    return source.load(), source.id
 
 def test_model_samples_bar_moves_at_every_step_and_the_cost_is_logged_first(tokenizer, monkeypatch, caplog):
     """The bar counts sampled tokens, one update per decoding step, and the log states the work

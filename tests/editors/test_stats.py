@@ -9,7 +9,7 @@ import torch
 from factedit.editors.base import Edit, ParamDelta
 from factedit.editors.core.hooks import trace
 from factedit.editors.core import corpus, stats
-from factedit.editors.core.stats import cached_second_moment, layer_statistics, load_rome_npz, second_moment, second_moments
+from factedit.editors.core.stats import layer_statistics, load_rome_npz, second_moments
 from factedit.models import model_fingerprint
 from factedit.editors.core.targets import get_module, get_targets
 
@@ -18,7 +18,7 @@ TEXTS = ["The capital of France is Paris.", "Angola is located in Africa.", "", 
 
 def test_second_moment_matches_direct_computation(tiny_model, tokenizer):
     name = get_targets(tiny_model).layer("mlp_out", 1)
-    stats = second_moment(tiny_model, tokenizer, name, TEXTS, max_texts=10, batch_size=2, progress=False)
+    stats = second_moments(tiny_model, tokenizer, [name], TEXTS, max_texts=10, batch_size=2, progress=False)[name]
     keys = []
     for text in TEXTS:
         if not text:
@@ -34,27 +34,37 @@ def test_second_moment_matches_direct_computation(tiny_model, tokenizer):
 
 def test_max_texts_limits_the_sample(tiny_model, tokenizer):
     name = get_targets(tiny_model).layer("mlp_out", 0)
-    one = second_moment(tiny_model, tokenizer, name, TEXTS, max_texts=1, progress=False)
+    one = second_moments(tiny_model, tokenizer, [name], TEXTS, max_texts=1, progress=False)[name]
     assert one.count == len(tokenizer(TEXTS[0])["input_ids"])
 
 
-def test_cache_is_reused_and_keyed_by_weights(tiny_model, tokenizer, tmp_path):
+def _cached(model, tokenizer, name, tmp_path, **kwargs):
+    """The statistics of ``name`` over TEXTS (a corpus file), through the cache in ``tmp_path``."""
+    path = tmp_path / "corpus.txt"
+    if not path.exists():
+        path.write_text("\n\n".join(t for t in TEXTS if t))
+    return layer_statistics(model, tokenizer, [name], corpus=str(path), n_texts=10, max_length=32, cache_dir=tmp_path / "stats", progress=False, **kwargs)[name]
+
+
+def test_cache_is_reused_and_keyed_by_weights(tiny_model, tokenizer, tmp_path, monkeypatch):
     name = get_targets(tiny_model).layer("mlp_out", 1)
-    args = dict(corpus_id="unit", cache_dir=tmp_path, max_texts=10, progress=False)
-    first = cached_second_moment(tiny_model, tokenizer, name, TEXTS, **args)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    # Reused: an empty corpus would fail if it were recomputed.
-    again = cached_second_moment(tiny_model, tokenizer, name, [], **args)
+    first = _cached(tiny_model, tokenizer, name, tmp_path)
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 1
+    real = stats.second_moments
+    monkeypatch.setattr(stats, "second_moments", lambda *a, **k: pytest.fail("recomputed although cached"))
+    again = _cached(tiny_model, tokenizer, name, tmp_path)
     assert torch.equal(again.total, first.total) and again.count == first.count
+    monkeypatch.setattr(stats, "second_moments", real)
     # An edit changes the fingerprint, so the statistics are recomputed for the edited model...
     fingerprint = model_fingerprint(tiny_model)
     earlier = dict(tiny_model.named_parameters())[f"{get_targets(tiny_model).layer('mlp_out', 0)}.weight"]
     edit = Edit("t", {f"{get_targets(tiny_model).layer('mlp_out', 0)}.weight": ParamDelta(delta=torch.ones_like(earlier))}).apply(tiny_model)
     assert model_fingerprint(tiny_model) != fingerprint
-    cached_second_moment(tiny_model, tokenizer, name, TEXTS, **args)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    _cached(tiny_model, tokenizer, name, tmp_path)
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
     # ...unless the caller pins the unedited model's identity.
-    pinned = cached_second_moment(tiny_model, tokenizer, name, [], model_id=fingerprint, **args)
+    monkeypatch.setattr(stats, "second_moments", lambda *a, **k: pytest.fail("recomputed although pinned"))
+    pinned = _cached(tiny_model, tokenizer, name, tmp_path, model_id=fingerprint)
     assert torch.equal(pinned.total, first.total)
     edit.revert(tiny_model)
     assert model_fingerprint(tiny_model) == fingerprint
@@ -72,11 +82,10 @@ def test_fingerprint_ignores_where_the_model_came_from(tiny_model):
 
 def test_damaged_cache_is_recomputed(tiny_model, tokenizer, tmp_path):
     name = get_targets(tiny_model).layer("mlp_out", 1)
-    args = dict(corpus_id="unit", cache_dir=tmp_path, max_texts=10, progress=False)
-    first = cached_second_moment(tiny_model, tokenizer, name, TEXTS, **args)
-    [entry] = tmp_path.glob("*.safetensors")
+    first = _cached(tiny_model, tokenizer, name, tmp_path)
+    [entry] = (tmp_path / "stats").glob("*.safetensors")
     entry.write_bytes(b"damaged")
-    again = cached_second_moment(tiny_model, tokenizer, name, TEXTS, **args)
+    again = _cached(tiny_model, tokenizer, name, tmp_path)
     assert torch.equal(again.total, first.total)
 
 
@@ -99,7 +108,7 @@ def test_second_moments_share_one_pass_and_match_single_modules(tiny_model, toke
     together = second_moments(tiny_model, tokenizer, names, TEXTS, max_texts=10, batch_size=2, progress=False)
     assert list(together) == names
     for name in names:
-        alone = second_moment(tiny_model, tokenizer, name, TEXTS, max_texts=10, batch_size=2, progress=False)
+        alone = second_moments(tiny_model, tokenizer, [name], TEXTS, max_texts=10, batch_size=2, progress=False)[name]
         assert together[name].count == alone.count
         assert torch.allclose(together[name].total, alone.total, rtol=1e-10, atol=1e-12)
         keys = []
@@ -160,8 +169,8 @@ def test_layer_statistics_cache_each_module_and_sample_only_when_needed(tokenize
     assert computed[-1] == [targets.layer("mlp_out", 0)] and sampled == [6]
     assert torch.equal(both[targets.layer("mlp_out", 1)].total, first[targets.layer("mlp_out", 1)].total)
     # They are the statistics of the cached samples.
-    texts, _ = corpus.resolve_corpus("model", model, tokenizer, 6, length=16, progress=False)
-    direct = second_moment(model, tokenizer, targets.layer("mlp_out", 0), texts, max_texts=6, max_length=16, progress=False)
+    texts = corpus.open_corpus("model", model, tokenizer, 6, length=16, progress=False).load()
+    direct = second_moments(model, tokenizer, [targets.layer("mlp_out", 0)], texts, max_texts=6, max_length=16, progress=False)[targets.layer("mlp_out", 0)]
     assert torch.allclose(both[targets.layer("mlp_out", 0)].total, direct.total) and sampled == [6]
     # Everything cached: nothing is computed, and the corpus is not even read.
     computed.clear()
@@ -178,7 +187,7 @@ def test_layer_statistics_of_a_file_follow_its_content(tiny_model, tokenizer, tm
     name = get_targets(tiny_model).layer("mlp_out", 2)
     args = dict(corpus=str(path), n_texts=10, max_length=32, cache_dir=tmp_path / "stats", progress=False)
     result = layer_statistics(tiny_model, tokenizer, [name], **args)[name]
-    expected = second_moment(tiny_model, tokenizer, name, [t for t in TEXTS if t], max_texts=10, max_length=32, progress=False)
+    expected = second_moments(tiny_model, tokenizer, [name], [t for t in TEXTS if t], max_texts=10, max_length=32, progress=False)[name]
     assert result.count == expected.count and torch.allclose(result.total, expected.total)
     path.write_text("Something else entirely.")
     changed = layer_statistics(tiny_model, tokenizer, [name], **args)[name]

@@ -16,7 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from helpers.safety_data import write_safety_fixture
-from factedit.evaluation.config import SAFETY_TASKS
+from factedit.evaluation.general.tasks import SAFETY_TASKS
 from factedit.evaluation.general import (
     HEADLINE,
     TASKS,
@@ -381,3 +381,13 @@ def test_per_task_shots_and_the_paper_preset(data_dir, isolated_cache):
         GeneralConfig(fewshot_preset="leaderboard")
     with pytest.raises(UnknownTaskError):
         GeneralConfig(task_fewshot={"mmlu_pro": 5})
+
+
+def test_a_task_is_one_row_of_the_table():
+    """The task names the settings check and ``--help`` list are the table's rows, in its order."""
+    from factedit.evaluation import config
+    from factedit.evaluation.general import tasks
+
+    assert config.TASKS is tasks.TASKS and tasks.TASKS == tuple(tasks.TASK_TABLE)
+    assert set(tasks.SAFETY_TASKS) == {name for name, task in tasks.TASK_TABLE.items() if task.root == "safety"}
+    assert tasks.TASKS[:2] == ("mmlu", "gsm8k") and tasks.TASKS[-1] == "toxigen"

@@ -100,3 +100,33 @@ def test_probability_groups_absent_without_true_target(tiny_model, tokenizer, re
     raw = measure_case(tiny_model, tokenizer, request_factory(target_true=None), EvalConfig(fluency=False))
     assert "es" not in raw and "fluency" not in raw
     assert case_scores(raw)["reliability"] is not None
+
+
+def test_a_score_is_one_row_of_the_table(monkeypatch):
+    """A new score computed from a measurement the cases already have is one row: here
+    "rephrase exact" (token accuracy that counts only whole rephrases right), read from the
+    generalization probes; case scores, the run's accumulators and the summary follow the row."""
+    from factedit import metrics
+    from factedit.evaluation import scoring
+    from factedit.metrics.scores import SCORES, Score
+    from factedit.metrics.token import TokenAccuracy
+
+    for score in SCORES:
+        assert score.derived == (score.reads is None) and (score.reads is None or score.reads[0] in scoring.MEASUREMENTS)
+
+    class WholeAnswer(TokenAccuracy):
+        @staticmethod
+        def case_score(predictions, targets):
+            return sum(bool(torch.equal(p, t)) for p, t in zip(predictions, targets)) / len(targets) if targets else None
+
+    row = Score("gen_whole", WholeAnswer, "rephrased prompts: whole answer right", "Whole rephrase", reads=("tokens", "generalization"))
+    monkeypatch.setattr(scoring, "SCORES", (*SCORES, row))
+    pre = _raw([1, 3], [5, 7], ([2.0], [1.0]), ([2.0, 0.5], [1.0, 1.0]), ([3.0, 0.5], [1.0, 1.0]))
+    post = _raw([1, 2], [5, 6], ([0.5], [1.0]), ([0.5, 0.5], [1.0, 1.0]), ([0.5, 3.0], [1.0, 1.0]))
+    post["generalization"] = [{"target": [1, 2], "pred": [1, 2]}, {"target": [3, 4], "pred": [3, 5]}]
+    assert case_scores(post, reference=pre)["gen_whole"] == 0.5  # token accuracy would say 0.75
+    run = RunMetrics()
+    run.update(_record(pre, post, seconds=1.0, memory=1.0))
+    summary = run.summary()
+    assert summary["gen_whole"] == 0.5 and summary["pre_gen_whole"] == 0.5 and summary["generalization"] == 0.75
+    assert metrics.SCORES is SCORES  # the table itself is left as it was
