@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARTS: tuple[str, ...] = ("edit", "rephrase", "locality")
+"""The parts of an edit request a training step reads: the edit, a rephrase (both with the new
+target) and an unrelated locality probe with its own answer."""
+BATCH_PARTS: tuple[str, ...] = (*PARTS, "contrast")
+"""What a batch holds: the parts and ``contrast`` (the locality prompt with the edit's new target,
+for the contrast term of :class:`factedit.lit_modules.base.WeightEditModule`)."""
 GROUP_BY: tuple[str, ...] = ("template",)  # the values of ``EditDataModule(group_by=...)`` besides None
 
 
@@ -62,6 +67,10 @@ class EditTokenizer:
                 batch["target_new"],
             ),
             "locality": ([qas[0]["prompt"] for qas in batch["locality"]], [qas[0]["answer"] for qas in batch["locality"]]),
+            # The locality prompt continued by the edit's new target: how much likelier the edit made
+            # the new target where it must not apply (CounterFact's NS compares exactly this with
+            # the locality answer).
+            "contrast": ([qas[0]["prompt"] for qas in batch["locality"]], batch["target_new"]),
         }
         out: dict[str, list[list[int]]] = {}
         for part, (prompts, targets) in pairs.items():
@@ -81,7 +90,7 @@ class EditCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"case_id": [row["case_id"] for row in rows]}
-        for part in PARTS:
+        for part in BATCH_PARTS:
             batch[part] = labelled_batch([(row[f"{part}_input_ids"], row[f"{part}_labels"]) for row in rows], self.pad_token_id)
         return batch
 

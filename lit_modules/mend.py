@@ -39,7 +39,9 @@ class MENDModule(WeightEditModule):
     unstandardised factors). ``--trainer.max_steps 0`` makes just the warm-up and exports the
     untrained, warmed network: the baseline the trained one is compared with. ``edit_parts``
     (default ``["rephrase"]``, MEND's x_e') names the inputs whose NLL after the edit is the edit
-    loss; ``["edit"]`` trains on the edit prompt itself (see ``configs/mend/counterfact-quick.yaml``)."""
+    loss; ``["edit"]`` trains on the edit prompt itself (see ``configs/mend/counterfact-quick.yaml``).
+    ``contrast_weight`` weights the contrast term of
+    :meth:`lit_modules.base.WeightEditModule.contrast_loss` (0, MEND's own loss, by default)."""
 
     editor_name = "mend"
 
@@ -55,8 +57,9 @@ class MENDModule(WeightEditModule):
         warmup_edits: int = 200,
         export_dir: str | None = None,
         edit_parts: list[str] | None = None,
+        contrast_weight: float = 0.0,
     ) -> None:
-        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir, warmup_edits, edit_parts)
+        super().__init__(model, editor, lr, edit_weight, locality_weight, edits_per_step, export_dir, warmup_edits, edit_parts, contrast_weight)
         self.lr_lr = lr_lr
 
     def updates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

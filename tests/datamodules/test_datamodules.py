@@ -19,6 +19,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from factedit.batches import IGNORE_INDEX
 from factedit.datamodules.edit_datamodule import (
+    BATCH_PARTS,
     PARTS,
     CounterFactDataModule,
     EditDataModule,
@@ -203,8 +204,8 @@ def test_batches_label_exactly_the_target(counterfact_file, tokenizer):
     seen = 0
     for loader in (module.train_dataloader(), module.val_dataloader()):
         for batch in loader:
-            assert set(batch) == {"case_id", *PARTS}
-            for part in PARTS:
+            assert set(batch) == {"case_id", *BATCH_PARTS} and set(PARTS) < set(BATCH_PARTS)
+            for part in BATCH_PARTS:
                 sub = batch[part]
                 assert set(sub) == {"input_ids", "attention_mask", "labels"}
                 assert sub["input_ids"].shape == sub["attention_mask"].shape == sub["labels"].shape
@@ -216,6 +217,7 @@ def test_batches_label_exactly_the_target(counterfact_file, tokenizer):
                     "edit": (request.prompt, request.target_new),
                     "rephrase": (rephrase, request.target_new),
                     "locality": (request.locality[0].prompt, request.locality[0].answer),
+                    "contrast": (request.locality[0].prompt, request.target_new),
                 }
                 for part, (prompt, target) in expected.items():
                     ids, mask, labels = (batch[part][k][row] for k in ("input_ids", "attention_mask", "labels"))

@@ -213,6 +213,38 @@ def test_edit_parts_choose_the_edit_loss(tiny_model, tokenizer, zsre_file, parts
         MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), edit_parts=["locality"])
 
 
+def test_contrast_loss_is_the_narrowed_margin_of_the_locality_answer(tiny_model, tokenizer, zsre_file):
+    """``contrast_weight``: the loss adds how much the edit narrowed, on the locality prompt, the
+    lead of its answer over the edit's new target (mean token NLLs), computed here by hand."""
+    module = MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1, edit_lr_init=3.0), contrast_weight=0.5)
+    module.configure_model()
+    module.eval()
+    data = _datamodule(zsre_file, tokenizer)
+    data.setup("fit")
+    batch = single_request(next(iter(data.train_dataloader())), 0)
+    out = module.edit_losses(batch)
+    params = edited_params(module.base, module.updates(batch))
+
+    def margin(edited):
+        nll = {part: answer_nll(*answer_logits(module.base, batch[part], edited), 1) for part in ("contrast", "locality")}
+        return nll["contrast"] - nll["locality"]
+
+    expected = torch.relu(margin({}) - margin(params)).mean()
+    assert torch.allclose(out["loss_contrast"], expected, atol=1e-6)
+    # An edit that made the locality answer 5 nats less likely narrows the margin by that much more.
+    answer = answer_nll(*answer_logits(module.base, batch["locality"]), 1)
+    new = {name: answer_nll(*answer_logits(module.base, batch["contrast"], edited), 1) for name, edited in (("before", {}), ("after", params))}
+    narrowed = module.contrast_loss(batch["contrast"], params, answer, answer + 5.0)
+    assert narrowed > 0 and narrowed.requires_grad
+    assert torch.allclose(narrowed, torch.relu(new["before"] - new["after"] + 5.0).mean(), atol=1e-5)
+    combined = module.step(batch)
+    assert torch.allclose(combined["loss"], module.combine(combined["loss_edit"], combined["loss_locality"]) + 0.5 * combined["loss_contrast"], atol=1e-6)
+    module.contrast_weight = 0.0  # the default: MEND's own loss
+    assert "loss_contrast" not in module.edit_losses(batch) and "loss_contrast" not in module.step(batch)
+    with pytest.raises(ValueError, match="contrast_weight"):
+        MENDModule(tiny_model, MENDConfig(layers=[-1], rank=8, n_hidden=1), contrast_weight=-1.0)
+
+
 def test_warm_up_only_exports_the_untrained_warmed_network(tiny_model, tokenizer, zsre_file, tmp_path):
     """``max_steps=0``: the statistics of the first ``warmup_edits`` training edits, no step."""
     config = MENDConfig(layers=[-1], rank=8, n_hidden=1)
