@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from helpers import build_gpt2, build_llama, make_request
 from helpers.training import SERAC_TINY as TINY
-from helpers.training import train_serac
+from helpers.training import quiet_trainer, train_serac
 from factedit.datamodules.edit_datamodule import EditDataModule
 from factedit.editors import Edit, EditError, get_editor
 from factedit.editors.base import QA
@@ -292,10 +291,6 @@ def test_prefix_mean_features_agree_with_and_without_a_cache(tiny_model, tokeniz
 # --------------------------------------------------------------------------------------------
 
 
-def quiet_trainer(tmp_path: Path, **kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
-
-
 def test_fast_dev_run(tiny_model, tokenizer, data_file, tmp_path):
     module = SERACModule(model=tiny_model, editor=SERACConfig(**TINY))
     data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=4, val_fraction=0.25)
@@ -378,7 +373,7 @@ def test_fit_exports_the_calibrated_threshold(tokenizer, data_file, tmp_path):
     model = build_llama(len(tokenizer))
     module = SERACModule(model=model, editor=SERACConfig(**TINY, init_threshold=-1.0), scope_false_positive=0.0)
     data = EditDataModule(str(data_file), tokenizer=tokenizer, batch_size=4, val_fraction=0.5, seed=0)
-    quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False, num_sanity_val_steps=0).fit(module, data)
+    quiet_trainer(tmp_path, max_steps=1, num_sanity_val_steps=0).fit(module, data)
     meta = json.loads((tmp_path / "editor" / "editor.json").read_text())
     assert meta["scope_calibration"]["threshold"] > -1.0
     assert meta["scope_calibration"]["routed_after"]["locality"] == 0.0
