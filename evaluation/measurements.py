@@ -13,9 +13,13 @@ def _ids(items: list[dict[str, Any]], key: str) -> list[torch.Tensor]:
     return [torch.tensor(item[key], dtype=torch.long) for item in items]
 
 
+def token_pairs(items: list[dict[str, Any]]) -> tuple:
+    """Predicted and target token ids of each of the probes ``items`` (token protocol)."""
+    return _ids(items, "pred"), _ids(items, "target")
+
+
 def _token_pairs(raw: dict[str, Any], reference: dict[str, Any] | None, group: str) -> tuple | None:
-    """Predicted and target token ids of each probe (token protocol)."""
-    return (_ids(raw[group], "pred"), _ids(raw[group], "target")) if group in raw else None
+    return token_pairs(raw[group]) if group in raw else None
 
 
 def _agreement(raw: dict[str, Any], reference: dict[str, Any] | None, group: str) -> tuple | None:

@@ -46,7 +46,7 @@ from factedit.metrics import (
 )
 
 from .config import CHAT_TEMPLATE, EvalConfig  # defined with the other run settings, importable without torch
-from .measurements import MEASUREMENTS
+from .measurements import MEASUREMENTS, token_pairs
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
 PROBABILITY_GROUPS = {score.key: score.options["expect"] for score in SCORES if score.magnitude}
@@ -346,7 +346,7 @@ def metric_inputs(raw: dict[str, Any], reference: dict[str, Any] | None = None) 
             if args is not None:
                 inputs[score.key] = args
     for key, items in portability_by_kind(raw.get("portability", [])).items():
-        inputs[key] = MEASUREMENTS["tokens"]({key: items}, reference, key)
+        inputs[key] = token_pairs(items)
     return inputs
 
 

@@ -16,25 +16,25 @@ IGNORE_INDEX = -100
 default and Hugging Face's convention."""
 
 
+def _special_id(tokenizer: Any, attributes: tuple[str, str], missing: str) -> int:
+    """The first of the tokenizer's ``attributes`` (token ids) that is set; ``missing`` says what
+    was needed when neither is."""
+    for attribute in attributes:
+        value = getattr(tokenizer, attribute, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither {missing}")
+
+
 def pad_id(tokenizer: Any) -> int:
     """The id to pad with: the tokenizer's pad token, else its end-of-sequence token."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    if pad is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an end-of-sequence token to pad with")
-    return int(pad)
+    return _special_id(tokenizer, ("pad_token_id", "eos_token_id"), "a pad token nor an end-of-sequence token to pad with")
 
 
 def start_id(tokenizer: Any) -> int:
     """The id unconditional samples start from: the tokenizer's beginning-of-sequence token, else
     its end-of-sequence token (GPT-2's ``<|endoftext|>``, which ROME samples from)."""
-    start = getattr(tokenizer, "bos_token_id", None)
-    if start is None:
-        start = getattr(tokenizer, "eos_token_id", None)
-    if start is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither a BOS nor an EOS token to start sampling from")
-    return int(start)
+    return _special_id(tokenizer, ("bos_token_id", "eos_token_id"), "a BOS nor an EOS token to start sampling from")
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
