@@ -64,6 +64,21 @@ def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequ
     return units
 
 
+def case_chunks(units: Sequence[Sequence[EditRequest]], size: int) -> list[list[list[EditRequest]]]:
+    """Editor calls (``units``) packed into chunks of at most ``size`` requests, whose cases are
+    measured together; a unit is never split, and a unit larger than ``size`` is a chunk of its own."""
+    chunks: list[list[list[EditRequest]]] = []
+    count = 0
+    for unit in units:
+        if chunks and count + len(unit) <= size:
+            chunks[-1].append(list(unit))
+            count += len(unit)
+        else:
+            chunks.append([list(unit)])
+            count = len(unit)
+    return chunks
+
+
 def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:
     """The numbers of edits at which a sequential run is scored: those requested (default
     :data:`DEFAULT_CHECKPOINTS`) up to ``total``, and ``total`` itself."""

@@ -31,6 +31,13 @@ class EvalConfig:
     """How edits are scored (shared by every editor and mode)."""
 
     batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
+    case_batch: int = field(
+        default=32,
+        metadata={
+            "help": "cases measured together, their probes sharing forward passes and decoding steps (before editing, and after "
+            "it with each case's own weight change on its rows; memory and patch edits are measured one case at a time); 1: each case alone"
+        },
+    )
     fluency: bool = field(default=True, metadata={"help": "sample from the case's generation prompts and score their n-gram entropy (fluency)"})
     generation_prompts: int = field(
         default=1,
@@ -72,6 +79,8 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.case_batch < 1 or self.batch_size < 1:
+            raise ValueError(f"case_batch and batch_size must be at least 1, got {self.case_batch} and {self.batch_size}")
         if self.generation_max_new_tokens < 1:
             raise ValueError(f"generation_max_new_tokens must be at least 1, got {self.generation_max_new_tokens}")
         if self.generation_budget not in GENERATION_BUDGETS:

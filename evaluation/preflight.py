@@ -19,7 +19,8 @@ from factedit.editors.core.corpus import max_positions
 from factedit.editors.core.lm import encode_pair
 from factedit.editors.core.targets import UnknownArchitectureError, get_targets
 
-from .scoring import GENERATION_MARGIN, EvalConfig
+from .generation import GENERATION_MARGIN
+from .scoring import EvalConfig
 
 
 class PreflightError(ValueError):

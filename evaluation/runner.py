@@ -4,6 +4,11 @@ Modes:
 
 * ``single``: each request is edited alone, scored, and reverted before the next.
 * ``batch``: ``edits_per_call`` requests are edited in one call, scored, and reverted.
+
+In both, cases are measured in chunks of ``eval.case_batch`` (:mod:`.measuring`): all of a chunk
+before editing, then each edit made, kept and reverted, then all of the chunk again, every row
+with its own case's weight change (:mod:`.row_edits`); an edit that is not a plain weight change
+is measured on the edited model at once. A stopped run keeps the chunks it finished.
 * ``sequential``: edits accumulate (``edits_per_call`` requests per call); every case is scored
   on the model carrying all the edits (``sequential_scoring="final"``), or right after its own
   edit, with the edits before it (``"immediate"``: EasyEdit's sequential evaluation; the model
@@ -19,7 +24,7 @@ Requests that share a ``group`` (the rewrites of one multi-hop case) are always 
 in one call when the editor can batch, else by successive calls; in ``single`` mode the group is
 scored with all its rewrites applied and then reverted.
 
-Every finished case is appended to ``cases.jsonl`` at once (flushed and synced), holding the
+Every finished case is appended to ``cases.jsonl`` (flushed and synced), holding the
 raw measurements before and after editing; ``summary.json`` is recomputed from that file, so a
 run that is stopped and started again with the same command continues where it stopped and ends
 with the same summary. The folder's layout and its file handling belong to
@@ -63,6 +68,7 @@ from .cases import (
     CaseWriter,
     EditorSetupError,
     ModelLeftChangedError,
+    case_chunks,
     case_record,
     checkpoint_schedule,
     edit_units,
@@ -76,7 +82,9 @@ from .distributed import current_shard
 from .efficiency import measure
 from .provenance import run_provenance
 from .run_dir import RunDir, read_jsonl
-from .scoring import EvalConfig, measure_case
+from .measuring import measure_chunk
+from .row_edits import RowEdits, can_share_rows, edited_bytes
+from .scoring import EvalConfig
 from .summary import write_summary
 
 if TYPE_CHECKING:
@@ -84,6 +92,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ROW_EDIT_BYTES = 2**30
+"""At most this many bytes of edited weights are held to measure a chunk's edits together
+(:class:`RowEdits`); the cases beyond are measured on the edited model at once."""
 
 
 class EditRun:
@@ -229,13 +240,13 @@ class EditRun:
         if self.progress and self._bars:
             self._bars[-1].set_postfix_str(stage)
 
-    def _edit(self, requests: list[EditRequest]) -> tuple[list[Edit], float, float]:
+    def _edit(self, requests: list[EditRequest], stage: str = "editing") -> tuple[list[Edit], float, float]:
         """Apply one unit: one call, or one call per request for editors that cannot batch (a
         group's rewrites). Returns the applied edits, seconds per request and peak memory."""
         calls = [requests] if self.editor.supports_batch or len(requests) == 1 else [[r] for r in requests]
         edits: list[Edit] = []
         before = model_state(self.model)
-        self._stage("editing")
+        self._stage(stage)
         try:
             with measure(self.device) as cost:
                 for call in calls:
@@ -266,72 +277,92 @@ class EditRun:
         self._run_batch(todo, writer)
 
     def _run_batch(self, todo: list[EditRequest], writer: CaseWriter) -> None:
+        """Chunks of ``eval.case_batch`` cases: all measured together before editing; each unit
+        edited, its change kept and the model reverted; then all measured together, each row with
+        its own case's edit (:class:`RowEdits`). Edits that are not plain weight changes, and the
+        call the general suite is scored after, are measured on the edited model at once."""
         recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
         if self.general is not None and 0 not in recorded:
             self._write_checkpoint(0, [], {})
             recorded.add(0)
-        units = edit_units(todo, self.edits_per_call)
+        chunks = case_chunks(edit_units(todo, self.edits_per_call), self.eval.case_batch)
         done = len(self.requests) - len(todo)  # cases an earlier invocation finished
-        if self.shard.active:  # every world-th call, so each process gets a fair share
-            units = units[self.shard.rank :: self.shard.world]
+        if self.shard.active:  # every world-th chunk, so each process gets a fair share
+            chunks = chunks[self.shard.rank :: self.shard.world]
             done = 0
-        with self._bar(done + sum(len(u) for u in units), f"{self.editor.name} ({self.mode})", initial=done) as bar:
-            for batch in units:
+        with self._bar(done + sum(len(u) for chunk in chunks for u in chunk), f"{self.editor.name} ({self.mode})", initial=done) as bar:
+            for chunk in chunks:
+                requests = [r for unit in chunk for r in unit]
                 lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
-                pre = {}
-                for request in batch:
-                    raw, failure = self._measure(request, "pre")
-                    if failure is None:
-                        pre[request.case_id] = raw
-                    else:
-                        lines[request.case_id] = failure
-                ready = fail_groups(batch, lines)
-                if ready:
-                    self._edit_and_score(ready, pre, lines, recorded)
-                for request in batch:
+                pre = self._measure_many(requests, "pre", lines)
+                deferred: list[tuple[list[EditRequest], list[Edit], float, float]] = []
+                for number, unit in enumerate(chunk, 1):
+                    ready = fail_groups(unit, lines)
+                    if ready:
+                        self._edit_and_score(ready, pre, lines, recorded, deferred, f" {number}/{len(chunk)}" if len(chunk) > 1 else "")
+                if deferred:
+                    self._score_deferred(deferred, pre, lines)
+                for request in requests:
                     writer.write(lines[request.case_id])
-                bar.update(len(batch))
+                bar.update(len(requests))
 
-    def _measure(self, request: EditRequest, stage: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """``(measurements, None)``, or ``(None, the case's failed line)`` when measuring raises
-        anything but a fatal error (those stop the run)."""
-        self._stage(f"{stage}-scoring")
-        # The generation steps are named only where a progress bar shows them.
-        shown = {"on_step": lambda step: self._stage(f"{stage}-scoring: {step}")} if self.progress else {}
-        try:
-            return measure_case(self.model, self.tokenizer, request, self.eval, **shown), None
-        except FATAL_ERRORS:
-            raise
-        except Exception as error:
-            return None, error_record(request, stage, error)
+    def _measure_many(self, requests: list[EditRequest], stage: str, lines: dict[str, dict[str, Any]], rows: RowEdits | None = None) -> dict[str, Any]:
+        """:func:`measure_chunk` on this run's model, its stage shown on the progress bar."""
+        return measure_chunk(self.model, self.tokenizer, requests, self.eval, stage, lines, rows, self._stage if self.progress else None)
 
-    def _edit_and_score(self, ready: list[EditRequest], pre: dict[str, Any], lines: dict[str, dict[str, Any]], recorded: set[int]) -> None:
-        """Edit ``ready`` in one unit, score each request after editing, and revert, whatever
-        fails; every request gets its line in ``lines``."""
+    def _edit_and_score(
+        self,
+        ready: list[EditRequest],
+        pre: dict[str, Any],
+        lines: dict[str, dict[str, Any]],
+        recorded: set[int],
+        deferred: list[tuple[list[EditRequest], list[Edit], float, float]] | None = None,
+        number: str = "",
+    ) -> None:
+        """Edit ``ready`` in one unit, then either keep the edits in ``deferred`` (reverted, to be
+        measured with the chunk's other edits) or score each request on the edited model now and
+        revert, whatever fails; every request scored now gets its line in ``lines``."""
         try:
-            edits, seconds, memory = self._edit(ready)
+            edits, seconds, memory = self._edit(ready, f"editing{number}")
         except FATAL_ERRORS:
             raise
         except Exception as error:  # _edit has reverted whatever it applied
             for request in ready:
                 lines[request.case_id] = error_record(request, "edit", error)
             return
+        general_now = self.general is not None and len(recorded) == 1
+        if deferred is not None and not general_now and can_share_rows(self.model, edits):
+            held = sum(edited_bytes(self.model, e) for _, e, _, _ in deferred) + edited_bytes(self.model, edits)
+            if held <= ROW_EDIT_BYTES:
+                for edit in reversed(edits):
+                    edit.revert(self.model)
+                deferred.append((ready, edits, seconds, memory))
+                return
         try:
+            post = self._measure_many(ready, "post", lines)
             scored = []
             for request in ready:
-                post, failure = self._measure(request, "post")
-                if failure is not None:
-                    lines[request.case_id] = failure
-                    continue
-                lines[request.case_id] = case_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
-                scored.append(lines[request.case_id])
+                if request.case_id in post:
+                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
+                    scored.append(lines[request.case_id])
             # The general suite runs once, on the model carrying the first call's edits.
-            if self.general is not None and len(recorded) == 1:
+            if general_now:
                 self._write_checkpoint(len(ready), scored, {"edit_seconds": seconds * len(ready)})
                 recorded.add(len(ready))
         finally:
             for edit in reversed(edits):
                 edit.revert(self.model)
+
+    def _score_deferred(self, deferred: list[tuple[list[EditRequest], list[Edit], float, float]], pre: dict[str, Any], lines: dict[str, dict[str, Any]]) -> None:
+        """Measure the kept edits' cases together, each row with its own unit's edits, and write their lines."""
+        requests = [r for ready, _, _, _ in deferred for r in ready]
+        per_case = [edits for ready, edits, _, _ in deferred for _ in ready]
+        with RowEdits(self.model, per_case) as rows:
+            post = self._measure_many(requests, "post", lines, rows)
+        for ready, _, seconds, memory in deferred:
+            for request in ready:
+                if request.case_id in post:
+                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
 
     def _run_sequential(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         scored_before = len(self.requests) - len(todo)  # by an invocation stopped while scoring (step 3)
@@ -346,15 +377,12 @@ class EditRun:
         failed: dict[str, dict[str, Any]] = {}  # case id -> its line, for cases that cannot be edited
         try:
             with self._bar(len(todo), "pre-edit scores") as bar:
-                for request in todo:
-                    if request.case_id not in pre:
-                        raw, failure = self._measure(request, "pre")
-                        if failure is not None:
-                            failed[request.case_id] = failure
-                        else:
-                            pre[request.case_id] = raw
-                            pre_writer.write({"case_id": request.case_id, "raw": raw})
-                    bar.update()
+                for chunk in self._chunked(todo):
+                    unmeasured = [r for r in chunk if r.case_id not in pre]
+                    for case_id, raw in self._measure_many(unmeasured, "pre", failed).items() if unmeasured else ():
+                        pre[case_id] = raw
+                        pre_writer.write({"case_id": case_id, "raw": raw})
+                    bar.update(len(chunk))
         finally:
             pre_writer.close()
         todo = fail_groups(todo, failed)
@@ -447,15 +475,22 @@ class EditRun:
         """Score ``requests`` on the model as it is now (carrying ``edits_applied`` edits) and write
         their records: all cases at the end of a run (``sequential_scoring="final"``), or the
         cases of the unit just edited (``"immediate"``, as EasyEdit's sequential evaluation)."""
-        for request in requests:
-            post, failure = self._measure(request, "post")
-            if failure is not None:
-                writer.write(failure)
-            else:
-                seconds, memory = costs.get(request.case_id, (None, None))
-                writer.write(case_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
+        for chunk in self._chunked(requests):
+            failures: dict[str, dict[str, Any]] = {}
+            measured = self._measure_many(chunk, "post", failures)
+            for request in chunk:
+                if request.case_id in failures:
+                    writer.write(failures[request.case_id])
+                else:
+                    seconds, memory = costs.get(request.case_id, (None, None))
+                    post = measured[request.case_id]
+                    writer.write(case_record(request, pre[request.case_id], post, seconds=seconds, peak_memory_mb=memory, edits_applied=edits_applied, edit_index=order[request.case_id]))
             if bar is not None:
-                bar.update()
+                bar.update(len(chunk))
+
+    def _chunked(self, requests: list[EditRequest]) -> list[list[EditRequest]]:
+        """``requests`` in runs of ``eval.case_batch``, measured together on the model as it is."""
+        return [requests[i : i + self.eval.case_batch] for i in range(0, len(requests), self.eval.case_batch)]
 
     def _retention_checkpoint(self, edited: list[EditRequest], recorded: set[int], costs) -> None:
         """Score every case edited so far on the model as it is now, with the general suite: the
@@ -463,16 +498,16 @@ class EditRun:
         now = len(edited)
         records = []
         with self._bar(now, f"retention at {now} edits") as bar:
-            for request in edited:
-                try:
-                    post = measure_case(self.model, self.tokenizer, request, self.eval)
-                except FATAL_ERRORS:
-                    raise
-                except Exception as error:  # the final scoring records the case's failure
-                    logger.warning("retention at %d edits leaves out case %s: %s: %s", now, request.case_id, type(error).__name__, error)
-                else:
-                    records.append(case_record(request, self._pre[request.case_id], post))
-                bar.update()
+            for chunk in self._chunked(edited):
+                failures: dict[str, dict[str, Any]] = {}
+                measured = self._measure_many(chunk, "retention", failures)
+                for request in chunk:
+                    if request.case_id in failures:  # the final scoring records the case's failure
+                        cause = failures[request.case_id]["failed"]
+                        logger.warning("retention at %d edits leaves out case %s: %s: %s", now, request.case_id, cause["error"], cause["message"])
+                    else:
+                        records.append(case_record(request, self._pre[request.case_id], measured[request.case_id]))
+                bar.update(len(chunk))
         self._write_checkpoint(now, records, {"edit_seconds": sum(costs[r.case_id][0] for r in edited if r.case_id in costs)})
         recorded.add(now)
 

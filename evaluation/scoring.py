@@ -1,12 +1,13 @@
 """Scoring one edit case: the raw measurements, their per-case scores, and run-level metrics.
 
-``measure_case`` runs the model on every probe of a request and returns *raw* results (token ids
+``measure_cases`` runs the model on every probe of a request and returns *raw* results (token ids
 predicted under teacher forcing with their decoded text, per-token-averaged NLLs, generated
-texts) as plain JSON data.
+texts) as plain JSON data, one dict per case.
 ``case_scores`` turns raw results into the per-case numbers, and :class:`RunMetrics` feeds the
 same raw results into torchmetrics objects for the summary. Pre- and post-edit numbers come from
-this one path. A case's probes are always batched the same way (sorted within the case, never
-mixed with other cases), so pre and post forward passes see identical padding and batch shapes.
+this one path. The probes of several cases are measured together (:func:`measure_cases`), and
+the runner measures the same cases together before and after editing, so pre and post forward
+passes see identical padding and batch shapes.
 
 Portability is scored over all of a case's probes (``portability``) and, when the probes come
 in named kinds (KnowEdit's ``Reasoning``, ``Subject_Aliasing``, ``Logical_Generalization``;
@@ -45,7 +46,8 @@ from factedit.metrics import (
     score_of,
 )
 
-from .config import CHAT_TEMPLATE, EvalConfig  # defined with the other run settings, importable without torch
+from .config import EvalConfig  # defined with the other run settings, importable without torch
+from .generation import Select, generate_texts, measure_generations
 from .measurements import MEASUREMENTS, token_pairs
 
 TOKEN_GROUPS = ("reliability", "generalization", "portability", "locality")
@@ -57,8 +59,6 @@ GENERATION_SCORES: dict[str, Callable[..., float | None]] = {
 }
 """The two matches of a greedy answer (``gen_<group>_em`` and ``gen_<group>_contains``), read from
 the score table's rows."""
-GENERATION_MARGIN = 3
-"""New tokens a greedy answer may have beyond its longest accepted answer's token length."""
 UNNAMED_KIND = "portability"
 """The kind of probes that name none (EasyEdit's single portability question)."""
 
@@ -93,14 +93,21 @@ def _case_pairs(request: EditRequest) -> dict[str, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[dict[str, Any]]:
-    """For each (prompt, target): target ids, argmax predictions at those positions, mean NLL."""
+def score_pairs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, owners: Sequence[int] | None = None, select: Select | None = None
+) -> list[dict[str, Any]]:
+    """For each (prompt, target): target ids, argmax predictions at those positions, mean NLL.
+
+    ``owners[i]`` is the case pair ``i`` belongs to; ``select`` is told the owner of every row
+    before each batch runs (:meth:`~factedit.evaluation.row_edits.RowEdits.select`)."""
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]) + len(encoded[i][1]), i))
     results: list[dict[str, Any] | None] = [None] * len(encoded)
     device = model_device(model)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        if select is not None:
+            select([owners[i] for i in chunk])  # type: ignore[index]
         batch = collate_pairs([encoded[i] for i in chunk], pad_id(tokenizer), device)
         logits = logits_at(model, batch).float()
         logp = torch.log_softmax(logits, dim=-1)
@@ -117,192 +124,57 @@ def score_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: 
     return results  # type: ignore[return-value]
 
 
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: Sequence[str], config: EvalConfig) -> list[str]:
-    """Top-k sampled continuations (prompt included, as ROME scores them), seeded identically each call."""
-    if not prompts:
-        return []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        inputs = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model_device(model))
-    finally:
-        tokenizer.padding_side = side
-    with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        out = model.generate(
-            **inputs,
-            do_sample=True,
-            top_k=config.top_k,
-            top_p=1.0,
-            temperature=1.0,
-            max_new_tokens=config.generation_length,
-            pad_token_id=pad_id(tokenizer),
-        )
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a generated answer: the model's and the tokenizer's end of sequence."""
-    found: set[int] = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            found.add(value)
-        elif isinstance(value, (list, tuple)):
-            found.update(int(v) for v in value)
-    return found
-
-
-@torch.no_grad()
-def greedy_continuations(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: Sequence[int], batch_size: int = 32, add_special_tokens: bool = True
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (the text after each prompt, up to its end of sequence).
-
-    Prompts are sorted by token length and generated ``batch_size`` at a time, left-padded, with
-    the KV cache; a batch runs for its longest budget and each continuation is cut to its own
-    ``max_new_tokens[i]`` (greedy decoding is causal, so the cut equals a shorter run). Decoding
-    is plain greedy (``do_sample=False``, one beam, no repetition penalty), whatever sampling
-    settings the model's generation config carries, and goes through ``model.generate``, so the
-    forward hooks of memory-based editors (SERAC) apply at every step. ``add_special_tokens=False``
-    for prompts that already hold them (a chat template's output).
-    """
-    if len(prompts) != len(max_new_tokens):
-        raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} token budgets")
-    if any(n < 1 for n in max_new_tokens):
-        raise ValueError(f"every token budget must be at least 1, got {list(max_new_tokens)}")
-    if not prompts:
-        return []
-    pad = pad_id(tokenizer)
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
-    stop = _eos_ids(model, tokenizer)
-    encoded = [list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]) for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    device = model_device(model)
-    texts: list[str | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
-            input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-            attention_mask[row, width - len(encoded[i]) :] = 1
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=False,
-            num_beams=1,
-            repetition_penalty=1.0,
-            max_new_tokens=max(max_new_tokens[i] for i in chunk),
-            pad_token_id=pad,
-            use_cache=True,
-        )
-        new = out[:, width:].tolist()
-        for row, i in enumerate(chunk):
-            tokens = new[row][: max_new_tokens[i]]
-            end = next((t for t, token in enumerate(tokens) if token in stop), len(tokens))
-            texts[i] = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-    return texts  # type: ignore[return-value]
-
-
-def uses_chat_template(setting: str, tokenizer) -> bool:
-    """Whether prompts go through the tokenizer's chat template: ``"on"`` (an error without one),
-    ``"auto"`` (when the tokenizer has one) or ``"off"``."""
-    if setting not in CHAT_TEMPLATE:
-        raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE}, got {setting!r}")
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if setting == "on" and not has:
-        raise ValueError("chat_template='on', but the tokenizer has no chat template; use 'auto' or 'off'")
-    return has and setting != "off"
-
-
-def as_user_turn(tokenizer, prompt: str) -> str:
-    """``prompt`` as one user turn of the tokenizer's chat template, ready for the assistant's answer
-    (the template's default system prompt, if it has one, included)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-
-
-def _generation_probes(request: EditRequest) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
-    """Every (prompt, accepted answers) the case's greedy answers are matched against, by group."""
-    new = (request.target_new,)
-    return {
-        "reliability": [(request.prompt, new)],
-        "generalization": [(p, new) for p in request.rephrase_prompts],
-        "portability": [(q.prompt, tuple(dict.fromkeys((q.answer, *q.aliases)))) for q in request.portability],
-    }
-
-
-def measure_generation(model, tokenizer, request: EditRequest, config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
-    """Greedy answers to the case's edit, rephrased and portability prompts, with their accepted
-    answers: ``{group: [{"text": continuation, "answers": [...]}, ...]}``.
-
-    Each prompt may generate its longest accepted answer's token length (as teacher forcing
-    tokenizes it after the prompt) plus :data:`GENERATION_MARGIN` tokens, at most
-    ``config.generation_max_new_tokens`` (``generation_budget="target"``), or that cap whatever the
-    answer (``"open"``: only the model's end of sequence stops it, so the budget does not tell the
-    model how long the answer is). With ``config.chat_template`` each prompt is asked as one user
-    turn of the tokenizer's chat template (:func:`as_user_turn`): an instruction-tuned model asked a
-    bare question often ends its turn at once. The case's prompts are batched among themselves only,
-    so pre- and post-edit generations see the same batches.
-    """
-    groups = _generation_probes(request)
-    budgets: dict[tuple[str, tuple[str, ...]], int] = {}
-    for probes in groups.values():
-        for prompt, answers in probes:
-            if (prompt, answers) in budgets:
-                continue
-            if config.generation_budget == "open":
-                budgets[prompt, answers] = config.generation_max_new_tokens
-            else:
-                longest = max(len(encode_pair(tokenizer, prompt, answer)[1]) for answer in answers)
-                budgets[prompt, answers] = min(longest + GENERATION_MARGIN, config.generation_max_new_tokens)
-    unique = list(dict.fromkeys((prompt, budget) for (prompt, _), budget in budgets.items()))
-    chat = uses_chat_template(config.chat_template, tokenizer)
-    asked = [as_user_turn(tokenizer, p) if chat else p for p, _ in unique]
-    texts = greedy_continuations(model, tokenizer, asked, [n for _, n in unique], config.batch_size, add_special_tokens=not chat)
-    answered = dict(zip(unique, texts))
-    return {
-        group: [{"text": answered[prompt, budgets[prompt, answers]], "answers": list(answers)} for prompt, answers in probes]
-        for group, probes in groups.items()
-    }
-
-
-def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Raw, JSON-ready measurements of one case on the model as it is now.
+def measure_cases(
+    model, tokenizer, requests: Sequence[EditRequest], config: EvalConfig, on_step: Callable[[str], None] | None = None, select: Select | None = None
+) -> list[dict[str, Any]]:
+    """Raw, JSON-ready measurements of each case on the model as it is now (one dict per request).
 
     Each teacher-forced probe keeps its target ids, the predicted ids (``pred``: what the scores
-    use) and their decoding (``pred_text``: for people reading ``cases.jsonl``). ``on_step`` is
-    told the name of each generation step (``"fluency"``, ``"generation"``) as it starts: those
-    take most of a case's time on a CPU.
+    use) and their decoding (``pred_text``: for people reading ``cases.jsonl``). The probes of all
+    the cases share batches (a case's repeated probes are run once), and so do their fluency
+    samples and greedy answers; with ``select`` (:class:`~factedit.evaluation.row_edits.RowEdits`)
+    each row runs with its own case's edit. ``on_step`` is told the name of each generation step
+    (``"fluency"``, ``"generation"``) as it starts: those take most of the time on a CPU.
     """
-    groups = _case_pairs(request)
-    unique = list(dict.fromkeys(pair for pairs in groups.values() for pair in pairs))
-    scored = dict(zip(unique, score_pairs(model, tokenizer, unique, config.batch_size)))
-    raw: dict[str, Any] = {}
-    for group in TOKEN_GROUPS:
-        raw[group] = [
-            {"target": scored[pair]["target"], "pred": scored[pair]["pred"], "pred_text": tokenizer.decode(scored[pair]["pred"])} for pair in groups[group]
-        ]
-    for item, probe in zip(raw["portability"], request.portability):
-        item["kind"] = probe.kind  # for the per-kind portability scores
-    for group in PROBABILITY_GROUPS:
-        if f"{group}_new" in groups:
-            raw[group] = {
-                "nll_new": [scored[pair]["nll"] for pair in groups[f"{group}_new"]],
-                "nll_true": [scored[pair]["nll"] for pair in groups[f"{group}_true"]],
-            }
-    if config.fluency and request.generation_prompts:
-        prompts = list(dict.fromkeys(request.generation_prompts))[: config.generation_prompts]
-        if on_step is not None:
-            on_step("fluency")
-        raw["fluency"] = {"texts": generate_texts(model, tokenizer, prompts, config)}
+    groups = [_case_pairs(request) for request in requests]
+    unique = list(dict.fromkeys((case, pair) for case, by_group in enumerate(groups) for pairs in by_group.values() for pair in pairs))
+    scored = dict(zip(unique, score_pairs(model, tokenizer, [pair for _, pair in unique], config.batch_size, [case for case, _ in unique], select)))
+    raws: list[dict[str, Any]] = []
+    for case, (request, by_group) in enumerate(zip(requests, groups)):
+        raw: dict[str, Any] = {}
+        for group in TOKEN_GROUPS:
+            raw[group] = []
+            for pair in by_group[group]:
+                result = scored[case, pair]
+                raw[group].append({"target": result["target"], "pred": result["pred"], "pred_text": tokenizer.decode(result["pred"])})
+        for item, probe in zip(raw["portability"], request.portability):
+            item["kind"] = probe.kind  # for the per-kind portability scores
+        for group in PROBABILITY_GROUPS:
+            if f"{group}_new" in by_group:
+                raw[group] = {
+                    "nll_new": [scored[case, pair]["nll"] for pair in by_group[f"{group}_new"]],
+                    "nll_true": [scored[case, pair]["nll"] for pair in by_group[f"{group}_true"]],
+                }
+        raws.append(raw)
+    if config.fluency:
+        sampled = [(case, prompt) for case, r in enumerate(requests) for prompt in list(dict.fromkeys(r.generation_prompts))[: config.generation_prompts]]
+        if sampled:
+            if on_step is not None:
+                on_step("fluency")
+            texts = generate_texts(model, tokenizer, [p for _, p in sampled], config, [c for c, _ in sampled], select)
+            for (case, _), text in zip(sampled, texts):
+                raws[case].setdefault("fluency", {"texts": []})["texts"].append(text)
     if config.generation_scoring:
         if on_step is not None:
             on_step("generation")
-        raw["generation"] = measure_generation(model, tokenizer, request, config)
-    return raw
+        for raw, generation in zip(raws, measure_generations(model, tokenizer, requests, config, select)):
+            raw["generation"] = generation
+    return raws
+
+
+def measure_case(model, tokenizer, request: EditRequest, config: EvalConfig, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`measure_cases` of one case."""
+    return measure_cases(model, tokenizer, [request], config, on_step)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,6 +78,37 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and each tensor-name table built once.
+
+    Loading a GGUF file, transformers parses its metadata three times (tokenizer, config, weights:
+    about 4 s each for SmolLM2's 49,152-token vocabulary) and builds gguf's tensor-name table
+    once per tensor (272 times, 5 s); together about 15 of a first load's 19 seconds. The block
+    hands transformers one reader per file and one table per architecture; what it reads from
+    them is unchanged (the cached weights are the same bits).
+    """
+    import functools
+
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, object] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        readers.clear()
+
+
 def _dequantized_cache(gguf: Path, label: str) -> Path:
     """Dequantize ``gguf`` once and cache it as a safetensors model folder; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,8 +117,9 @@ def _dequantized_cache(gguf: Path, label: str) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     logger.info("dequantizing %s once (tens of seconds); caching the result in %s", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
     config = quantized.config
     if hasattr(config, "quantization_config"):

@@ -27,7 +27,8 @@ def main() -> None:
     from factedit.evaluation.config import EvalConfig
     from factedit.models import DEFAULT_MODEL, load_model
     from factedit.evaluation.scoring import GENERATION_GROUPS as groups
-    from factedit.evaluation.scoring import GENERATION_SCORES, measure_generation
+    from factedit.evaluation.generation import measure_generation
+    from factedit.evaluation.scoring import GENERATION_SCORES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from factedit.evaluation import scoring  # noqa: E402
 
-TIMED = {"score_pairs": "teacher-forced", "generate_texts": "fluency", "measure_generation": "generation scoring"}
+TIMED = {"score_pairs": "teacher-forced", "generate_texts": "fluency", "measure_generations": "generation scoring"}
 
 
 def with_timer(fn, totals: dict[str, float], label: str):
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--case_batch", type=int, default=None, help="cases measured together (default: EvalConfig's)")
     args = parser.parse_args()
 
     from factedit.datamodules import load_requests
@@ -86,7 +87,10 @@ def main() -> None:
     requests = load_requests(args.data, limit=args.limit)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        run = EditRun(model, tokenizer, editor, editor.config_class(), requests, Path(out), progress=False)
+        from factedit.evaluation.config import EvalConfig
+
+        eval_config = EvalConfig() if args.case_batch is None else EvalConfig(case_batch=args.case_batch)
+        run = EditRun(model, tokenizer, editor, editor.config_class(), requests, Path(out), eval_config=eval_config, progress=False)
         summary = run.run()
         wall = time.perf_counter() - start
         import json

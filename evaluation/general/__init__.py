@@ -71,7 +71,7 @@ _EXPORTS = {
     "GeneralConfig": ("..config", "GeneralConfig"),
     "UnknownTaskError": ("..config", "UnknownTaskError"),
     "check_tasks": ("..config", "check_tasks"),
-    "uses_chat_template": ("..scoring", "uses_chat_template"),
+    "uses_chat_template": ("..generation", "uses_chat_template"),
     "MissingDataError": (".data", "MissingDataError"),
     "default_data_dir": (".data", "default_data_dir"),
     "hub_task_names": (".data", "hub_task_names"),

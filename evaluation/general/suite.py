@@ -22,7 +22,7 @@ from factedit.files import cache_root
 
 from ..config import GENERAL_SOURCES as SOURCES
 from ..config import GeneralConfig, check_tasks
-from ..scoring import uses_chat_template
+from ..generation import uses_chat_template
 from .data import Prepared, default_data_dir, hub_task_names, prepare_local
 from .scorer import PrefixScorer
 from .tasks import HEADLINE, TASK_TABLE

@@ -3,11 +3,14 @@ after editing; the model is left as found; a resumed run does not retry the fail
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
 import torch
 
+import factedit.evaluation.measuring as measuring
 import factedit.evaluation.runner as runner
 from factedit.editors import get_editor
 from factedit.editors.base import Edit, ParamDelta
@@ -46,9 +49,9 @@ class _Wrapped:
         return self.inner.apply(model, tokenizer, requests, config)
 
 
-def _run(model, tokenizer, requests, out, mode="single", per_call=1, editor=None):
+def _run(model, tokenizer, requests, out, mode="single", per_call=1, editor=None, eval_config=EVAL):
     editor = editor or _Wrapped(get_editor("ft_m")())
-    return EditRun(model, tokenizer, editor, editor.config_class(**FT), requests, out, mode, per_call, EVAL, progress=False).run()
+    return EditRun(model, tokenizer, editor, editor.config_class(**FT), requests, out, mode, per_call, eval_config, progress=False).run()
 
 
 def _gpt2(tokenizer):
@@ -158,15 +161,15 @@ def test_error_after_editing_is_recorded_and_the_model_reverted(mode, tokenizer,
     from helpers import build_llama
 
     measured: list[str] = []
-    real = runner.measure_case
+    real = measuring.measure_cases
 
-    def failing_post(model, tokenizer, request, config):
-        measured.append(request.case_id)
-        if request.case_id == "0" and measured.count("0") >= 2:  # case 0 on the edited model
+    def failing_post(model, tokenizer, requests, config, **kwargs):
+        measured.extend(r.case_id for r in requests)
+        if "0" in [r.case_id for r in requests] and measured.count("0") >= 2:  # case 0 on the edited model
             raise RuntimeError("probe broke")
-        return real(model, tokenizer, request, config)
+        return real(model, tokenizer, requests, config, **kwargs)
 
-    monkeypatch.setattr(runner, "measure_case", failing_post)
+    monkeypatch.setattr(measuring, "measure_cases", failing_post)
     model = build_llama(len(tokenizer))
     before = _params(model)
     summary = _run(model, tokenizer, _requests(request_factory), tmp_path, mode)
@@ -208,14 +211,14 @@ def test_a_group_fails_whole_when_one_rewrite_fails(tokenizer, request_factory, 
     requests = _requests(request_factory)
     for request in requests[:2]:
         object.__setattr__(request, "group", "hop")
-    real = runner.measure_case
+    real = measuring.measure_cases
 
-    def failing_pre(model, tokenizer, request, config):
-        if request.case_id == "1":
+    def failing_pre(model, tokenizer, requests, config, **kwargs):
+        if "1" in [r.case_id for r in requests]:
             raise ValueError("bad probe")
-        return real(model, tokenizer, request, config)
+        return real(model, tokenizer, requests, config, **kwargs)
 
-    monkeypatch.setattr(runner, "measure_case", failing_pre)
+    monkeypatch.setattr(measuring, "measure_cases", failing_pre)
     editor = _Wrapped(get_editor("ft_m")())
     summary = _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path, "single", editor=editor)
     records = {r["case_id"]: r for r in read_jsonl(tmp_path / "cases.jsonl")}
@@ -238,8 +241,9 @@ def test_fine_tuning_that_fails_midway_leaves_the_weights_as_found(tiny_model, t
     assert _unchanged(tiny_model, before)
 
 
+@pytest.mark.parametrize("case_batch", [1, 16])
 @pytest.mark.parametrize("damage", ["weights", "hook"])
-def test_an_editor_that_fails_and_leaves_the_model_changed_stops_the_run(damage, tiny_model, tokenizer, request_factory, tmp_path):
+def test_an_editor_that_fails_and_leaves_the_model_changed_stops_the_run(damage, case_batch, tiny_model, tokenizer, request_factory, tmp_path):
     def fail_second(model, requests):
         if requests[0].case_id != "1":
             return None
@@ -251,5 +255,10 @@ def test_an_editor_that_fails_and_leaves_the_model_changed_stops_the_run(damage,
         raise RuntimeError("broke halfway")
 
     with pytest.raises(runner.ModelLeftChangedError, match="case 1 .*broke halfway"):
-        _run(tiny_model, tokenizer, _requests(request_factory), tmp_path / "run", editor=_Wrapped(get_editor("ft_m")(), fail_second))
-    assert [r["case_id"] for r in read_jsonl(tmp_path / "run" / "cases.jsonl")] == ["0"]  # the finished case is kept
+        _run(
+            tiny_model, tokenizer, _requests(request_factory), tmp_path / "run", editor=_Wrapped(get_editor("ft_m")(), fail_second),
+            eval_config=dataclasses.replace(EVAL, case_batch=case_batch),
+        )
+    # A finished case is kept; case 0 is finished once its chunk is: alone, or measured after
+    # editing with the chunk's other cases (which a damaged model cannot be).
+    assert [r["case_id"] for r in read_jsonl(tmp_path / "run" / "cases.jsonl")] == (["0"] if case_batch == 1 else [])

@@ -12,15 +12,8 @@ from helpers import make_request
 from factedit.editors.base import QA
 from factedit.editors.core.lm import encode_pair
 from factedit.evaluation.report import summary_table
-from factedit.evaluation.scoring import (
-    GENERATION_MARGIN,
-    EvalConfig,
-    RunMetrics,
-    case_scores,
-    greedy_continuations,
-    measure_case,
-    protocols_of,
-)
+from factedit.evaluation.generation import GENERATION_MARGIN, greedy_continuations
+from factedit.evaluation.scoring import EvalConfig, RunMetrics, case_scores, measure_case, protocols_of
 from factedit.metrics import (
     PROTOCOLS,
     GenerationContains,

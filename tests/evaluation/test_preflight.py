@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import factedit.evaluation.runner as runner
+import factedit.evaluation.measuring as measuring
 from factedit.editors import get_editor
 from factedit.editors.core.stats import layer_statistics
 from factedit.editors.core.targets import get_targets
@@ -56,8 +56,8 @@ def data_file(tmp_path):
 def scored(monkeypatch):
     """The case ids measured by the runner: empty when a run stops before scoring."""
     calls: list[str] = []
-    real = runner.measure_case
-    monkeypatch.setattr(runner, "measure_case", lambda model, tok, request, config: calls.append(request.case_id) or real(model, tok, request, config))
+    real = measuring.measure_cases
+    monkeypatch.setattr(measuring, "measure_cases", lambda model, tok, requests, config, **kw: calls.extend(r.case_id for r in requests) or real(model, tok, requests, config, **kw))
     return calls
 
 
