@@ -25,6 +25,7 @@ from factedit.models import frozen
 
 from ..base import Edit, Editor, EditRequest, register_editor, snapshot_deltas
 from ..core.lm import PairBatch, collate_pairs, encode_pair, minimise_target_nll, model_device
+from ..core.prefix import frozen_below
 from ..core.targets import get_parameter_name, get_targets, resolve_layer
 from .config import FTConfig, FTLConfig, FTMConfig
 
@@ -43,12 +44,17 @@ class FineTune(Editor):
         self.check(model, config)
 
     @staticmethod
-    def _parameter_names(model, config: FTConfig) -> list[str]:
-        """The parameters tuned: ``config.module`` of each of ``config.layers`` (negative
-        layers count from the last block, as for the other editors)."""
+    def _layers(model, config: FTConfig) -> list[int]:
+        """``config.layers`` as block indices (negative layers count from the last block, as for the
+        other editors), each once."""
         targets = get_targets(model, config.targets)
-        layers = [resolve_layer(model, targets, layer, "layers entry") for layer in config.layers]
-        return [get_parameter_name(model, targets.layer(config.module, layer)) for layer in dict.fromkeys(layers)]
+        return list(dict.fromkeys(resolve_layer(model, targets, layer, "layers entry") for layer in config.layers))
+
+    @classmethod
+    def _parameter_names(cls, model, config: FTConfig) -> list[str]:
+        """The parameters tuned: ``config.module`` of each of ``config.layers``."""
+        targets = get_targets(model, config.targets)
+        return [get_parameter_name(model, targets.layer(config.module, layer)) for layer in cls._layers(model, config)]
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> Edit:
         self.check_requests(requests)
@@ -66,8 +72,10 @@ class FineTune(Editor):
                 eps = config.norm_constraint
                 p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
 
+        lowest = min(self._layers(model, config))
         try:
-            with frozen(model, trainable=tuned):
+            # The blocks below the lowest tuned one compute the same on every step: run once.
+            with frozen(model, trainable=tuned), frozen_below(model, get_targets(model, config.targets), lowest, batch.input_ids, batch.attention_mask):
                 steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
         except BaseException:  # training changes the weights in place: put them back before failing
             with torch.no_grad():
