@@ -98,6 +98,7 @@ class RowEdits:
                     slot = self._weights.setdefault(module, {}).setdefault(unit, {"weight": module.weight, "bias": module.bias})
                     slot[role] = value
         self._rows: dict[int, torch.Tensor] = {}
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._handles: list = []
 
     def select(self, cases: Sequence[int]) -> None:
@@ -108,15 +109,18 @@ class RowEdits:
             unit = self._unit_of_case[case]
             if unit is not None:
                 rows.setdefault(unit, []).append(row)
-        device = next(self.model.parameters()).device
-        self._rows = {unit: torch.tensor(r, dtype=torch.long, device=device) for unit, r in rows.items()}
+        self._rows = {unit: torch.tensor(r, dtype=torch.long) for unit, r in rows.items()}
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _hook(self, module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         for unit, params in self._weights[module].items():
-            rows = self._rows.get(unit)
-            if rows is None:
+            if unit not in self._rows:
                 continue
+            key = (unit, x.device)  # a model split over devices: each module's rows where it runs
+            if key not in self._on_device:
+                self._on_device[key] = self._rows[unit].to(x.device)
+            rows = self._on_device[key]
             part = x.index_select(0, rows)
             if is_transposed(module):  # Conv1D: y = x @ W + b, W stored [in, out]
                 flat = part.reshape(-1, part.shape[-1])
@@ -134,4 +138,4 @@ class RowEdits:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._rows = [], {}
+        self._handles, self._rows, self._on_device = [], {}, {}
