@@ -285,12 +285,16 @@ class EditRun:
         if self.general is not None and 0 not in recorded:
             self._write_checkpoint(0, [], {})
             recorded.add(0)
-        chunks = case_chunks(edit_units(todo, self.edits_per_call), self.eval.case_batch)
+        # Chunks are cut from all the run's cases, so that a resumed run measures every case in the
+        # same company (the same batches, the same bits) as an uninterrupted one; a chunk that an
+        # interruption left partly written is measured whole again, its missing lines written.
+        pending = {r.case_id for r in todo}
+        chunks = [c for c in case_chunks(edit_units(self.requests, self.edits_per_call), self.eval.case_batch) if any(r.case_id in pending for u in c for r in u)]
         done = len(self.requests) - len(todo)  # cases an earlier invocation finished
         if self.shard.active:  # every world-th chunk, so each process gets a fair share
             chunks = chunks[self.shard.rank :: self.shard.world]
             done = 0
-        with self._bar(done + sum(len(u) for chunk in chunks for u in chunk), f"{self.editor.name} ({self.mode})", initial=done) as bar:
+        with self._bar(done + sum(r.case_id in pending for c in chunks for u in c for r in u), f"{self.editor.name} ({self.mode})", initial=done) as bar:
             for chunk in chunks:
                 requests = [r for unit in chunk for r in unit]
                 lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
@@ -302,9 +306,10 @@ class EditRun:
                         self._edit_and_score(ready, pre, lines, recorded, deferred, f" {number}/{len(chunk)}" if len(chunk) > 1 else "")
                 if deferred:
                     self._score_deferred(deferred, pre, lines)
-                for request in requests:
+                written = [r for r in requests if r.case_id in pending]
+                for request in written:
                     writer.write(lines[request.case_id])
-                bar.update(len(requests))
+                bar.update(len(written))
 
     def _measure_many(self, requests: list[EditRequest], stage: str, lines: dict[str, dict[str, Any]], rows: RowEdits | None = None) -> dict[str, Any]:
         """:func:`measure_chunk` on this run's model, its stage shown on the progress bar."""
@@ -376,13 +381,19 @@ class EditRun:
         pre_writer = JsonlAppender(pre_path)
         failed: dict[str, dict[str, Any]] = {}  # case id -> its line, for cases that cannot be edited
         try:
+            pending = {r.case_id for r in todo}
             with self._bar(len(todo), "pre-edit scores") as bar:
-                for chunk in self._chunked(todo):
-                    unmeasured = [r for r in chunk if r.case_id not in pre]
-                    for case_id, raw in self._measure_many(unmeasured, "pre", failed).items() if unmeasured else ():
-                        pre[case_id] = raw
-                        pre_writer.write({"case_id": case_id, "raw": raw})
-                    bar.update(len(chunk))
+                for chunk in self._chunked(self.requests):  # cut from all cases, as in _run_batch
+                    if not any(r.case_id in pending and r.case_id not in pre for r in chunk):
+                        bar.update(sum(r.case_id in pending for r in chunk))
+                        continue
+                    failures: dict[str, dict[str, Any]] = {}
+                    for case_id, raw in self._measure_many(chunk, "pre", failures).items():
+                        if case_id in pending and case_id not in pre:
+                            pre[case_id] = raw
+                            pre_writer.write({"case_id": case_id, "raw": raw})
+                    failed.update({c: line for c, line in failures.items() if c in pending})
+                    bar.update(sum(r.case_id in pending for r in chunk))
         finally:
             pre_writer.close()
         todo = fail_groups(todo, failed)
@@ -447,9 +458,13 @@ class EditRun:
                 return
             # 3. Score every case on the model carrying all edits (retention), then the last checkpoint.
             # Failed edits are not applied, so the model carries len(edited) edits.
-            scoring = [r for r in todo if r.case_id not in failed]
-            with self._bar(scored_before + len(scoring), "post-edit scores", initial=scored_before) as bar:
-                self._score_post(scoring, pre, costs, len(edited), order, writer, bar)
+            # Every case edited is measured in chunks cut from all of them (as an uninterrupted run
+            # cuts them); only the lines still missing are written.
+            earlier_failures = {r["case_id"] for r in read_jsonl(self.cases_path) if "failed" in r}
+            scoring = [r for r in self.requests if r.case_id not in failed and r.case_id not in earlier_failures]
+            missing = {r.case_id for r in todo if r.case_id not in failed}
+            with self._bar(scored_before + len(missing), "post-edit scores", initial=scored_before) as bar:
+                self._score_post(scoring, pre, costs, len(edited), order, writer, bar, missing)
             if edited and len(edited) not in recorded:
                 wanted = {r.case_id for r in self.requests}
                 finished = [r for r in read_jsonl(self.cases_path) if r["case_id"] in wanted]
@@ -470,14 +485,27 @@ class EditRun:
         self._retention_checkpoint(edited, recorded, costs)
 
     def _score_post(
-        self, requests: list[EditRequest], pre: dict[str, Any], costs, edits_applied: int, order: dict[str, int], writer: CaseWriter, bar: Any = None
+        self,
+        requests: list[EditRequest],
+        pre: dict[str, Any],
+        costs,
+        edits_applied: int,
+        order: dict[str, int],
+        writer: CaseWriter,
+        bar: Any = None,
+        missing: set[str] | None = None,
     ) -> None:
         """Score ``requests`` on the model as it is now (carrying ``edits_applied`` edits) and write
-        their records: all cases at the end of a run (``sequential_scoring="final"``), or the
-        cases of the unit just edited (``"immediate"``, as EasyEdit's sequential evaluation)."""
+        their records (only those of ``missing``, when given): all cases at the end of a run
+        (``sequential_scoring="final"``), or the cases of the unit just edited (``"immediate"``,
+        as EasyEdit's sequential evaluation)."""
         for chunk in self._chunked(requests):
+            if missing is not None:
+                if not any(r.case_id in missing for r in chunk):
+                    continue
             failures: dict[str, dict[str, Any]] = {}
             measured = self._measure_many(chunk, "post", failures)
+            chunk = [r for r in chunk if missing is None or r.case_id in missing]
             for request in chunk:
                 if request.case_id in failures:
                     writer.write(failures[request.case_id])

@@ -72,6 +72,31 @@ class _Interrupting:
 
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_a_chunk_left_partly_written_is_measured_whole_again(mode, tokenizer, request_factory, tmp_path, monkeypatch):
+    """A run stopped while it wrote a chunk's lines resumes to the uninterrupted run's bits: the
+    chunk is measured again in the same company (the batches of an uninterrupted run), and only
+    its missing lines are written."""
+    from helpers import build_llama
+    from factedit.evaluation import measuring
+
+    groups: list[tuple[str, ...]] = []  # the cases of each measuring call
+    real = measuring.measure_cases
+    monkeypatch.setattr(measuring, "measure_cases", lambda m, t, requests, c, **kw: groups.append(tuple(r.case_id for r in requests)) or real(m, t, requests, c, **kw))
+    requests = _requests(request_factory)
+    _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "fresh", mode)
+    fresh = _strip_timing(read_jsonl(tmp_path / "fresh" / "cases.jsonl"))
+    together = set(groups)  # the three cases, and in sequential mode the retention at 1 edit ("0",)
+    assert ("0", "1", "2") in together
+    _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "cut", mode)
+    path = tmp_path / "cut" / "cases.jsonl"
+    path.write_text(path.read_text().splitlines(keepends=True)[0])  # killed after the first of three lines
+    groups.clear()
+    _run(build_llama(len(tokenizer)), tokenizer, requests, tmp_path / "cut", mode)
+    assert ("0", "1", "2") in groups and set(groups) <= together
+    assert _strip_timing(read_jsonl(path)) == fresh
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential"])
 def test_interrupted_run_resumes_to_the_same_result(mode, tokenizer, request_factory, tmp_path):
     from helpers import build_llama
 
