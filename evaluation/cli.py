@@ -41,6 +41,9 @@ DEFAULT_EDITOR = "ft_m"
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"limit", "overwrite", "progress", "config", "out", "device", "threads"}
+ADDED_SETTINGS = {"eval.case_batch": 1}
+"""Settings added after runs were made without them, and the value that matches what those runs
+did: a folder from before ``eval.case_batch`` measured each case alone, and resumes as such."""
 
 
 def _editor_name(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -189,6 +192,7 @@ def setting_changes(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """The settings that differ between a saved run and this command, as ``key: old -> new``
     (settings that may change on resumption left out)."""
     old, new = _flatten(_comparable(saved)), _flatten(_comparable(given))
+    old = {**{key: value for key, value in ADDED_SETTINGS.items() if key in new}, **old}
     unset = "(unset)"
     return [f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}" for key in sorted(set(old) | set(new)) if old.get(key, unset) != new.get(key, unset)]
 

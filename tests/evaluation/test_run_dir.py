@@ -192,6 +192,20 @@ def test_differing_settings_are_named_by_key_with_both_values(inputs, run_copy):
     assert "editor.steps" not in message
 
 
+def test_a_run_folder_from_before_a_setting_existed_resumes_as_it_ran(inputs, run_copy):
+    """A folder made before eval.case_batch existed measured each case alone: resumed with
+    case_batch 1 it continues, with the default it is refused, naming the old behaviour."""
+    import yaml
+
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    del config["eval"]["case_batch"]
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"eval.case_batch: 1 -> 32"):
+        _cli(inputs, run_copy)
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert _cli(inputs, run_copy, "--eval.case_batch", "1")["metrics"] == summary["metrics"]
+
+
 def test_a_run_folder_from_before_the_marker_is_still_resumed(inputs, run_copy):
     """Folders written before edit.py marked its folders count as its own when their config.yaml
     is an edit.py config; they are marked when resumed."""
