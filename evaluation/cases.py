@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from factedit.batches import pack
 from factedit.editors.base import EditRequest
 from factedit.jsonl import JsonlAppender
 from factedit.models import model_fingerprint
@@ -55,28 +56,13 @@ def edit_units(requests: Sequence[EditRequest], size: int) -> list[list[EditRequ
             blocks[-1].append(request)
         else:
             blocks.append([request])
-    units: list[list[EditRequest]] = []
-    for block in blocks:
-        if units and len(units[-1]) + len(block) <= size:
-            units[-1].extend(block)
-        else:
-            units.append(list(block))
-    return units
+    return [[r for block in bin_ for r in block] for bin_ in pack(blocks, size)]
 
 
 def case_chunks(units: Sequence[Sequence[EditRequest]], size: int) -> list[list[list[EditRequest]]]:
     """Editor calls (``units``) packed into chunks of at most ``size`` requests, whose cases are
     measured together; a unit is never split, and a unit larger than ``size`` is a chunk of its own."""
-    chunks: list[list[list[EditRequest]]] = []
-    count = 0
-    for unit in units:
-        if chunks and count + len(unit) <= size:
-            chunks[-1].append(list(unit))
-            count += len(unit)
-        else:
-            chunks.append([list(unit)])
-            count = len(unit)
-    return chunks
+    return [[list(unit) for unit in chunk] for chunk in pack(units, size)]
 
 
 def checkpoint_schedule(total: int, requested: Sequence[int] | None = None) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from factedit.batches import pad_id
+from factedit.batches import pack, pad_id
 from factedit.editors.base import EditRequest
 from factedit.editors.core.lm import encode_pair, model_device
 
@@ -52,6 +52,15 @@ def _left_padded(encoded: Sequence[Sequence[int]], pad: int, device) -> tuple[to
         input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _generate(model, encoded: Sequence[Sequence[int]], batch: Sequence[int], owners: Sequence[int] | None, select: Select | None, pad: int, **settings) -> tuple[torch.Tensor, int]:
+    """``model.generate`` on the prompts ``encoded[i]`` of ``batch``, left-padded, after telling
+    ``select`` the owner of each row; the output ids and the padded prompts' width."""
+    if select is not None:
+        select([owners[i] for i in batch])  # type: ignore[index]
+    input_ids, attention_mask = _left_padded([encoded[i] for i in batch], pad, model_device(model))
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1, pad_token_id=pad, **settings), input_ids.shape[1]
 
 
 class CaseSampler:
@@ -92,13 +101,7 @@ def _owner_batches(owners: Sequence[int], batch_size: int) -> list[list[int]]:
     by_owner: dict[int, list[int]] = {}
     for i, owner in enumerate(owners):
         by_owner.setdefault(owner, []).append(i)
-    batches: list[list[int]] = []
-    for items in by_owner.values():
-        if batches and len(batches[-1]) + len(items) <= batch_size:
-            batches[-1].extend(items)
-        else:
-            batches.append(list(items))
-    return batches
+    return [[i for items in batch for i in items] for batch in pack(list(by_owner.values()), batch_size)]
 
 
 @torch.no_grad()
@@ -122,18 +125,8 @@ def generate_texts(
     encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
     texts: list[str | None] = [None] * len(prompts)
     for batch in _owner_batches(owners, config.batch_size):
-        if select is not None:
-            select([owners[i] for i in batch])
-        input_ids, attention_mask = _left_padded([encoded[i] for i in batch], pad, device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=config.generation_length,
-            pad_token_id=pad,
-            logits_processor=[CaseSampler([owners[i] for i in batch], config.top_k, config.seed, device)],
-        )
+        sampler = CaseSampler([owners[i] for i in batch], config.top_k, config.seed, device)
+        out, _ = _generate(model, encoded, batch, owners, select, pad, max_new_tokens=config.generation_length, logits_processor=[sampler])
         for row, text in zip(batch, tokenizer.batch_decode(out, skip_special_tokens=True)):
             texts[row] = text
     return texts  # type: ignore[return-value]
@@ -171,24 +164,11 @@ def greedy_continuations(
     stop = _eos_ids(model, tokenizer)
     encoded = [list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    device = model_device(model)
     texts: list[str | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        if select is not None:
-            select([owners[i] for i in chunk])  # type: ignore[index]
-        input_ids, attention_mask = _left_padded([encoded[i] for i in chunk], pad, device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            num_beams=1,
-            repetition_penalty=1.0,
-            max_new_tokens=max(max_new_tokens[i] for i in chunk),
-            pad_token_id=pad,
-            use_cache=True,
-        )
-        new = out[:, input_ids.shape[1] :].tolist()
+        out, width = _generate(model, encoded, chunk, owners, select, pad, repetition_penalty=1.0, max_new_tokens=max(max_new_tokens[i] for i in chunk), use_cache=True)
+        new = out[:, width:].tolist()
         for row, i in enumerate(chunk):
             tokens = new[row][: max_new_tokens[i]]
             end = next((t for t, token in enumerate(tokens) if token in stop), len(tokens))

@@ -21,13 +21,6 @@ from .scoring import EvalConfig, measure_cases
 logger = logging.getLogger(__name__)
 
 
-def _selector(rows: RowEdits | None, indices: Sequence[int]):
-    """``select`` for :func:`measure_cases` of the requests at ``indices`` of a :class:`RowEdits`."""
-    if rows is None:
-        return None
-    return lambda owners: rows.select([indices[o] for o in owners])
-
-
 def measure_chunk(
     model,
     tokenizer,
@@ -47,7 +40,7 @@ def measure_chunk(
         show(label)
     steps = {"on_step": lambda step: show(f"{label}: {step}")} if show is not None else {}
     try:
-        raws = measure_cases(model, tokenizer, requests, config, select=_selector(rows, range(len(requests))), **steps)
+        raws = measure_cases(model, tokenizer, requests, config, select=rows.select if rows is not None else None, **steps)
         return {r.case_id: raw for r, raw in zip(requests, raws)}
     except FATAL_ERRORS:
         raise
@@ -58,8 +51,10 @@ def measure_chunk(
         logger.debug("measuring %d cases together failed (%s: %s); measuring each alone", len(requests), type(error).__name__, error)
     measured: dict[str, Any] = {}
     for index, request in enumerate(requests):
+        # alone in its call, every row is this request's: row index ``index`` of ``rows``
+        select = (lambda owners, index=index: rows.select([index] * len(owners))) if rows is not None else None
         try:
-            measured[request.case_id] = measure_cases(model, tokenizer, [request], config, select=_selector(rows, [index]))[0]
+            measured[request.case_id] = measure_cases(model, tokenizer, [request], config, select=select)[0]
         except FATAL_ERRORS:
             raise
         except Exception as error:

@@ -103,12 +103,12 @@ def score_pairs(
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]) + len(encoded[i][1]), i))
     results: list[dict[str, Any] | None] = [None] * len(encoded)
-    device = model_device(model)
+    device, pad = model_device(model), pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         if select is not None:
             select([owners[i] for i in chunk])  # type: ignore[index]
-        batch = collate_pairs([encoded[i] for i in chunk], pad_id(tokenizer), device)
+        batch = collate_pairs([encoded[i] for i in chunk], pad, device)
         logits = logits_at(model, batch).float()
         logp = torch.log_softmax(logits, dim=-1)
         token_nll = -logp.gather(1, batch.targets[:, None])[:, 0].cpu()

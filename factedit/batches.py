@@ -7,7 +7,7 @@ the pad id's value never changes a result; it only has to be a valid token id.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 
@@ -73,3 +73,21 @@ def labelled_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int
     for row, (_, row_labels) in enumerate(rows):
         labels[row, : len(row_labels)] = torch.as_tensor(list(row_labels), dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels.to(device)}
+
+
+Group = TypeVar("Group", bound=Sequence)
+
+
+def pack(groups: Sequence[Group], size: int) -> list[list[Group]]:
+    """Consecutive ``groups`` packed into bins of at most ``size`` items in all, in order; a group is
+    never split, and a group larger than ``size`` is a bin of its own."""
+    bins: list[list[Group]] = []
+    count = 0
+    for group in groups:
+        if bins and count + len(group) <= size:
+            bins[-1].append(group)
+            count += len(group)
+        else:
+            bins.append([group])
+            count = len(group)
+    return bins

@@ -43,3 +43,11 @@ def test_labelled_batch_labels_only_the_targets():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 3, IGNORE_INDEX], [IGNORE_INDEX, 5, 6, 7]]
+
+
+def test_pack_keeps_groups_whole_and_in_order():
+    from factedit.batches import pack
+
+    groups = [[1, 2], [3], [4, 5, 6, 7, 8], [9], [10, 11]]
+    assert pack(groups, 3) == [[[1, 2], [3]], [[4, 5, 6, 7, 8]], [[9], [10, 11]]]
+    assert pack([], 3) == []

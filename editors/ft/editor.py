@@ -37,28 +37,24 @@ class FineTune(Editor):
 
     def check(self, model, config: FTConfig) -> None:
         """Resolving the tuned parameters refuses an unknown architecture or a layer out of range."""
-        self._parameter_names(model, config)
+        self._tuned(model, config)
 
     def prepare(self, model, tokenizer, config: FTConfig) -> None:
         """Nothing to precompute; the checks of :meth:`check` (for callers other than edit.py)."""
         self.check(model, config)
 
     @staticmethod
-    def _layers(model, config: FTConfig) -> list[int]:
-        """``config.layers`` as block indices (negative layers count from the last block, as for the
-        other editors), each once."""
+    def _tuned(model, config: FTConfig):
+        """The architecture's targets, ``config.layers`` as block indices (negative layers count from
+        the last block, as for the other editors; each once) and the parameters tuned there:
+        ``config.module`` of each layer."""
         targets = get_targets(model, config.targets)
-        return list(dict.fromkeys(resolve_layer(model, targets, layer, "layers entry") for layer in config.layers))
-
-    @classmethod
-    def _parameter_names(cls, model, config: FTConfig) -> list[str]:
-        """The parameters tuned: ``config.module`` of each of ``config.layers``."""
-        targets = get_targets(model, config.targets)
-        return [get_parameter_name(model, targets.layer(config.module, layer)) for layer in cls._layers(model, config)]
+        layers = list(dict.fromkeys(resolve_layer(model, targets, layer, "layers entry") for layer in config.layers))
+        return targets, layers, [get_parameter_name(model, targets.layer(config.module, layer)) for layer in layers]
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], config: FTConfig) -> Edit:
         self.check_requests(requests)
-        names = self._parameter_names(model, config)
+        targets, layers, names = self._tuned(model, config)
         params = dict(model.named_parameters())
         originals = {n: params[n].detach().clone() for n in names}
         batch = self._batch(model, tokenizer, requests, config)
@@ -72,10 +68,9 @@ class FineTune(Editor):
                 eps = config.norm_constraint
                 p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
 
-        lowest = min(self._layers(model, config))
         try:
             # The blocks below the lowest tuned one compute the same on every step: run once.
-            with frozen(model, trainable=tuned), frozen_below(model, get_targets(model, config.targets), lowest, batch.input_ids, batch.attention_mask):
+            with frozen(model, trainable=tuned), frozen_below(model, targets, min(layers), batch.input_ids, batch.attention_mask):
                 steps_run, loss_value = minimise_target_nll(model, batch, optimizer, config.steps, config.stop_loss, constrain if config.norm_constraint is not None else None)
         except BaseException:  # training changes the weights in place: put them back before failing
             with torch.no_grad():
