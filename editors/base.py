@@ -459,6 +459,21 @@ class Editor(ABC):
     def apply(self, model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: EditorConfig) -> Edit:
         """Edit ``model`` in place to satisfy ``requests`` and return the (applied) :class:`Edit`."""
 
+    # Whether apply_each computes several independent edits in less time than one apply each.
+    computes_together: ClassVar[bool] = False
+
+    def apply_each(self, model: torch.nn.Module, tokenizer: Any, units: Sequence[Sequence[EditRequest]], config: EditorConfig) -> list[Edit]:
+        """One edit per unit of requests, each made as :meth:`apply` makes it on ``model`` as it is
+        (not on the model carrying the other units' edits), returned unapplied; the model is left as
+        it was found. Here one :meth:`apply` and revert per unit; editors that can compute several
+        independent edits at once (``computes_together``: FT) override it."""
+        edits = []
+        for unit in units:
+            edit = self.apply(model, tokenizer, unit, config)
+            edit.revert(model)
+            edits.append(edit)
+        return edits
+
     def prepare(self, model: torch.nn.Module, tokenizer: Any, config: EditorConfig) -> None:
         """One-time work that depends only on the unedited model (e.g. key statistics).
 
