@@ -92,6 +92,25 @@ def _case_pairs(request: EditRequest) -> dict[str, list[tuple[str, str]]]:
     return pairs
 
 
+def _shared_rows(encoded: Sequence[tuple[list[int], list[int]]], owners: Sequence[int] | None) -> list[tuple[int, list[int]]]:
+    """The rows ``score_pairs`` runs: ``(carrier, riders)``, where the pair ``carrier`` is fed as
+    prompt + target and each pair of ``riders`` (the same case and prompt, a one-token target) is
+    read off the carrier's last prompt position, which predicts any first target token. A
+    CounterFact case asks every prompt for its new and its true target, mostly single tokens: half
+    the rows. A pair with a longer target carries its own row (and the riders, if any)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (prompt, _) in enumerate(encoded):
+        groups.setdefault((owners[i] if owners is not None else None, tuple(prompt)), []).append(i)
+    rows = []
+    for members in groups.values():
+        longer = [i for i in members if len(encoded[i][1]) > 1]
+        single = [i for i in members if len(encoded[i][1]) == 1]
+        carriers = longer or single[:1]
+        riders = [i for i in single if i not in carriers]
+        rows += [(carrier, riders if index == 0 else []) for index, carrier in enumerate(carriers)]
+    return rows
+
+
 @torch.no_grad()
 def score_pairs(
     model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, owners: Sequence[int] | None = None, select: Select | None = None
@@ -99,28 +118,40 @@ def score_pairs(
     """For each (prompt, target): target ids, argmax predictions at those positions, mean NLL.
 
     ``owners[i]`` is the case pair ``i`` belongs to; ``select`` is told the owner of every row
-    before each batch runs (:meth:`~factedit.evaluation.row_edits.RowEdits.select`)."""
+    before each batch runs (:meth:`~factedit.evaluation.row_edits.RowEdits.select`). Pairs of one
+    case with the same prompt and one-token targets share a row (:func:`_shared_rows`); the
+    results equal one row per pair up to the float rounding of a differently shaped batch."""
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]) + len(encoded[i][1]), i))
+    rows = _shared_rows(encoded, owners)
+    order = sorted(range(len(rows)), key=lambda r: (len(encoded[rows[r][0]][0]) + len(encoded[rows[r][0]][1]), rows[r][0]))
     results: list[dict[str, Any] | None] = [None] * len(encoded)
     device, pad = model_device(model), pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+        chunk = [rows[r] for r in order[start : start + batch_size]]
         if select is not None:
-            select([owners[i] for i in chunk])  # type: ignore[index]
-        batch = collate_pairs([encoded[i] for i in chunk], pad, device)
+            select([owners[carrier] for carrier, _ in chunk])  # type: ignore[index]
+        batch = collate_pairs([encoded[carrier] for carrier, _ in chunk], pad, device)
+        # each rider's one target token, predicted at its carrier's last prompt position
+        extra = [(row, i) for row, (_, riders) in enumerate(chunk) for i in riders]
+        if extra:
+            batch.rows = torch.cat([batch.rows, torch.tensor([row for row, _ in extra], dtype=torch.long, device=device)])
+            batch.cols = torch.cat([batch.cols, torch.tensor([batch.prompt_lengths[row] - 1 for row, _ in extra], dtype=torch.long, device=device)])
+            batch.targets = torch.cat([batch.targets, torch.tensor([encoded[i][1][0] for _, i in extra], dtype=torch.long, device=device)])
         logits = logits_at(model, batch).float()
         logp = torch.log_softmax(logits, dim=-1)
         token_nll = -logp.gather(1, batch.targets[:, None])[:, 0].cpu()
         preds = logits.argmax(-1).cpu()
         offset = 0
-        for i, length in zip(chunk, batch.lengths):
-            results[i] = {
-                "target": encoded[i][1],
+        for (carrier, _), length in zip(chunk, batch.lengths):
+            results[carrier] = {
+                "target": encoded[carrier][1],
                 "pred": preds[offset : offset + length].tolist(),
                 "nll": token_nll[offset : offset + length].mean().item(),
             }
             offset += length
+        for _, i in extra:
+            results[i] = {"target": encoded[i][1], "pred": preds[offset : offset + 1].tolist(), "nll": token_nll[offset : offset + 1].mean().item()}
+            offset += 1
     return results  # type: ignore[return-value]
 
 

@@ -85,6 +85,29 @@ def test_score_pairs_matches_a_plain_forward(tiny_model, tokenizer):
     assert target_nll(tiny_model, batch).tolist() == pytest.approx([s["nll"] for s in scored], abs=1e-5)
 
 
+def test_pairs_of_one_prompt_share_a_row_and_score_as_alone(tiny_model, tokenizer):
+    """One-token targets of the same case and prompt are read off one row (half the rows for
+    CounterFact's new/true pairs); a longer target carries its own row; another case's same
+    prompt does not share (its row may run with another edit). Each pair's result equals its
+    own plain forward."""
+    france, angola = "The capital of France is", "Angola is located in"
+    pairs = [(france, "Paris"), (france, "Rome"), (france, "English"), (france, "French"), (angola, "Antarctica"), (france, "Paris")]
+    owners = [0, 0, 0, 0, 0, 1]
+    lengths = [len(encode_pair(tokenizer, p, t)[1]) for p, t in pairs]
+    assert lengths == [1, 1, 2, 1, 3, 1], "test premise: the tiny tokenizer's target lengths"
+    rows = []
+    handle = tiny_model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        scored = score_pairs(tiny_model, tokenizer, pairs, batch_size=8, owners=owners, select=lambda owners: None)
+    finally:
+        handle.remove()
+    assert rows == [3]  # France + English (carrying Paris, Rome, French), Angola, case 1's France
+    alone = [score_pairs(tiny_model, tokenizer, [pair])[0] for pair in pairs]
+    for got, one in zip(scored, alone):
+        assert got["target"] == one["target"] and got["pred"] == one["pred"]
+        assert got["nll"] == pytest.approx(one["nll"], abs=1e-5)
+
+
 def test_measure_case_is_repeatable_and_unedited_locality_is_perfect(tiny_model, tokenizer, request_factory):
     req = request_factory()
     config = EvalConfig(batch_size=4, generation_length=5)
