@@ -57,3 +57,37 @@ def test_frozen_switches_gradients_off_for_a_block_and_restores_them():
     except RuntimeError:
         pass
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+
+
+def test_grouped_query_attention_on_the_cpu_equals_sdpa_bit_for_bit(tmp_path, tokenizer, monkeypatch):
+    """A model with grouped key/value heads loaded here attends through grouped_sdpa: padded
+    multi-token passes take the grouped path and give sdpa's logits and gradients exactly; a model
+    without grouped heads (GPT-2) keeps sdpa."""
+    import copy
+
+    from helpers import build_gpt2, build_llama
+
+    build_llama(len(tokenizer)).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    model, _ = models.load_model(str(tmp_path / "llama"), device="cpu")
+    assert model.config._attn_implementation == models.GROUPED_SDPA
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation("sdpa")
+    grouped_calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: grouped_calls.append(k.get("enable_gqa")) or real(*a, **k))
+    monkeypatch.setattr(tokenizer, "padding_side", "right")
+    batch = tokenizer(["The capital of France is Paris", "Danielle Darrieux speaks"], return_tensors="pt", padding=True)
+    logits = []
+    for m in (model, plain):
+        weight = m.model.layers[0].self_attn.k_proj.weight
+        weight.requires_grad_(True)
+        out = m(**batch)
+        out.logits.sum().backward()
+        logits.append((out.logits.detach(), weight.grad))
+    assert grouped_calls[:3] == [True] * 3 and None in grouped_calls  # grouped for the first, sdpa's own for the second
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+    build_gpt2(len(tokenizer)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    gpt2, _ = models.load_model(str(tmp_path / "gpt2"), device="cpu")
+    assert gpt2.config._attn_implementation == "sdpa" and not models.use_grouped_sdpa(gpt2)
