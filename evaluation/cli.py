@@ -41,9 +41,10 @@ DEFAULT_EDITOR = "ft_m"
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"limit", "overwrite", "progress", "config", "out", "device", "threads"}
-ADDED_SETTINGS = {"eval.case_batch": 1}
+ADDED_SETTINGS = {"eval.case_batch": 1, "eval.edit_together": False}
 """Settings added after runs were made without them, and the value that matches what those runs
-did: a folder from before ``eval.case_batch`` measured each case alone, and resumes as such."""
+did: a folder from before ``eval.case_batch`` measured each case alone, and one from before
+``eval.edit_together`` made each edit alone; each resumes as such."""
 
 
 def _editor_name(argv: Sequence[str]) -> tuple[str, list[str]]:

@@ -38,6 +38,14 @@ class EvalConfig:
             "it with each case's own weight change on its rows; memory and patch edits are measured one case at a time); 1: each case alone"
         },
     )
+    edit_together: bool = field(
+        default=True,
+        metadata={
+            "help": "in single and batch modes, let an editor that can (FT-L, FT-M) compute a chunk's independent edits in one "
+            "training batch, each case with its own copy of the tuned weights; seconds per edit are then the chunk's editing "
+            "time shared out. false: one edit at a time (the time one edit alone takes)"
+        },
+    )
     fluency: bool = field(default=True, metadata={"help": "sample from the case's generation prompts and score their n-gram entropy (fluency)"})
     generation_prompts: int = field(
         default=1,

@@ -10,13 +10,16 @@ the chunk is then measured case by case, and only the case that raises gets a fa
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from factedit.editors.base import EditRequest
 
 from .cases import FATAL_ERRORS, error_record
 from .row_edits import RowEdits
 from .scoring import EvalConfig, measure_cases
+
+if TYPE_CHECKING:
+    from factedit.editors.ike.editor import RowContexts
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ def measure_chunk(
     config: EvalConfig,
     stage: str,
     lines: dict[str, dict[str, Any]],
-    rows: RowEdits | None = None,
+    rows: "RowEdits | RowContexts | None" = None,
     show: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measurements of ``requests`` by case id, all in one :func:`measure_cases` call (each row with

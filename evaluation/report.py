@@ -58,6 +58,7 @@ def summary_table(summary: dict[str, Any], title: str = "") -> str:
     if "seconds_per_edit" in metrics:
         lines.append(
             f"{'seconds/edit':<{width}}{'efficiency':<13}{'':>8}{metrics['seconds_per_edit']:>8.2f}   mean (median {metrics['median_seconds_per_edit']:.2f})"
+            + (f"; up to {together} edits computed together, their time shared out" if (together := summary.get("edits_computed_together", 1)) > 1 else "")
         )
     if "peak_memory_mb" in metrics:
         lines.append(f"{'peak memory MB':<{width}}{'efficiency':<13}{'':>8}{metrics['peak_memory_mb']:>8.0f}   process peak while editing")

@@ -11,9 +11,10 @@ Every row so sees the model of its own case, and the batch costs one pass over t
 instead of one per case.
 
 Only plain weight changes (:class:`Edit` itself, ``kind == "weight_delta"``) of the weight or bias
-of a linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) can be measured this way; memory and
-patch editors, whose edits are code, are measured on the edited model one case at a time
-(:func:`can_share_rows` says which). The results equal those of the edited model up to the float
+of a linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) can be measured this way. An edit kind
+may name its own per-row class (``row_sharing``): IKE's contexts are measured per row by
+:class:`~factedit.editors.ike.editor.RowContexts`. Memory and patch editors, whose edits are
+code, are measured on the edited model one case at a time (:func:`can_share_rows` says which). The results equal those of the edited model up to the float
 rounding of a differently shaped batch.
 """
 
@@ -43,17 +44,39 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | N
     return (module, role) if type(module).__name__ in _LINEAR_TYPES else None
 
 
+def _sharing_class(model: torch.nn.Module, edits: Sequence[Edit]) -> type | None:
+    """The class that measures ``edits`` per batch row: :class:`RowEdits` for plain weight changes
+    of linear layers, an edit kind's own ``row_sharing`` class (IKE's contexts), else None."""
+    if not edits:
+        return None
+    if all(type(edit) is Edit and edit.deltas and all(_owner(model, name) is not None for name in edit.deltas) for edit in edits):
+        return RowEdits
+    kinds = {type(edit) for edit in edits}
+    return getattr(kinds.pop(), "row_sharing", None) if len(kinds) == 1 else None
+
+
 def can_share_rows(model: torch.nn.Module, edits: Sequence[Edit]) -> bool:
-    """Whether ``edits`` can be measured by :class:`RowEdits`: plain weight changes of linear
-    layers only (a memory or patch edit, or a change to an embedding or a norm, cannot)."""
-    return bool(edits) and all(type(edit) is Edit and edit.deltas and all(_owner(model, name) is not None for name in edit.deltas) for edit in edits)
+    """Whether ``edits`` can be measured per batch row: plain weight changes of linear layers
+    (:class:`RowEdits`) or edits of a kind that names its own way (``row_sharing``: IKE's
+    contexts); a memory or patch edit, or a change to an embedding or a norm, cannot."""
+    return _sharing_class(model, edits) is not None
+
+
+def share_rows(model: torch.nn.Module, per_case: Sequence[Sequence[Edit]]):
+    """The context that runs each batch row with its own case's edits (``per_case[i]``: case
+    ``i``'s edits, all of one sharing class, as :func:`can_share_rows` found)."""
+    classes = {_sharing_class(model, edits) for edits in per_case if edits}
+    if len(classes) != 1 or None in classes:
+        raise ValueError("these cases' edits cannot be measured per batch row together")
+    return classes.pop()(model, per_case)
 
 
 def edited_bytes(model: torch.nn.Module, edits: Sequence[Edit]) -> int:
-    """Bytes :class:`RowEdits` holds for ``edits``: one copy of each changed parameter."""
-    params = dict(model.named_parameters())
+    """Bytes measuring ``edits`` per batch row holds: one copy of each changed parameter, and what
+    an edit of another kind says it needs (``row_bytes``: an IKE context's keys and values)."""
     names = {name for edit in edits for name in edit.deltas}
-    return sum(params[name].numel() * params[name].element_size() for name in names)
+    held = sum(model.get_parameter(name).numel() * model.get_parameter(name).element_size() for name in names)
+    return held + sum(edit.row_bytes(model) for edit in edits if hasattr(edit, "row_bytes"))
 
 
 class RowEdits:

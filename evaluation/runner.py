@@ -6,9 +6,11 @@ Modes:
 * ``batch``: ``edits_per_call`` requests are edited in one call, scored, and reverted.
 
 In both, cases are measured in chunks of ``eval.case_batch`` (:mod:`.measuring`): all of a chunk
-before editing, then each edit made, kept and reverted, then all of the chunk again, every row
-with its own case's weight change (:mod:`.row_edits`); an edit that is not a plain weight change
-is measured on the edited model at once. A stopped run keeps the chunks it finished.
+before editing, then each edit made, kept and reverted (an editor that ``computes_together``, FT,
+makes the chunk's independent edits in one :meth:`~factedit.editors.base.Editor.apply_each`
+call when ``eval.edit_together``), then all of the chunk again, every row with its own case's
+weight change or IKE context (:mod:`.row_edits`); other edits (memories, patches) are measured on
+the edited model at once. A stopped run keeps the chunks it finished.
 * ``sequential``: edits accumulate (``edits_per_call`` requests per call); every case is scored
   on the model carrying all the edits (``sequential_scoring="final"``), or right after its own
   edit, with the edits before it (``"immediate"``: EasyEdit's sequential evaluation; the model
@@ -83,14 +85,22 @@ from .efficiency import measure
 from .provenance import run_provenance
 from .run_dir import RunDir, read_jsonl
 from .measuring import measure_chunk
-from .row_edits import RowEdits, can_share_rows, edited_bytes
+from .row_edits import RowEdits, can_share_rows, edited_bytes, share_rows
 from .scoring import EvalConfig
 from .summary import write_summary
 
 if TYPE_CHECKING:
+    from factedit.editors.ike.editor import RowContexts
+
     from .general import GeneralConfig
 
 logger = logging.getLogger(__name__)
+
+
+def _together(edits: Sequence[Edit]) -> dict[str, int]:
+    """A case line's note of how many edits were computed in the call that made its edit, when several."""
+    n = max((edit.info.get("computed_together", 1) for edit in edits), default=1)
+    return {"edits_computed_together": n} if n > 1 else {}
 
 ROW_EDIT_BYTES = 2**30
 """At most this many bytes of edited weights are held to measure a chunk's edits together
@@ -278,9 +288,10 @@ class EditRun:
 
     def _run_batch(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         """Chunks of ``eval.case_batch`` cases: all measured together before editing; each unit
-        edited, its change kept and the model reverted; then all measured together, each row with
-        its own case's edit (:class:`RowEdits`). Edits that are not plain weight changes, and the
-        call the general suite is scored after, are measured on the edited model at once."""
+        edited (or all units at once, :meth:`_edit_together`), its change kept and the model
+        reverted; then all measured together, each row with its own case's edit (:func:`share_rows`).
+        Edits that cannot be measured per row, and the call the general suite is scored after, are
+        measured on the edited model at once."""
         recorded = {c["edits"] for c in read_jsonl(self.checkpoints_path)}
         if self.general is not None and 0 not in recorded:
             self._write_checkpoint(0, [], {})
@@ -300,10 +311,16 @@ class EditRun:
                 lines: dict[str, dict[str, Any]] = {}  # case id -> its line of cases.jsonl
                 pre = self._measure_many(requests, "pre", lines)
                 deferred: list[tuple[list[EditRequest], list[Edit], float, float]] = []
-                for number, unit in enumerate(chunk, 1):
-                    ready = fail_groups(unit, lines)
-                    if ready:
-                        self._edit_and_score(ready, pre, lines, recorded, deferred, f" {number}/{len(chunk)}" if len(chunk) > 1 else "")
+                units = [ready for ready in (fail_groups(unit, lines) for unit in chunk) if ready]
+                together = self._edit_together(units) if self.eval.edit_together and getattr(self.editor, "computes_together", False) and len(units) > 1 else None
+                for number, ready in enumerate(units, 1):
+                    if together is not None:
+                        edits, seconds, memory = together[number - 1]
+                        for edit in edits:
+                            edit.apply(self.model)
+                        self._score_or_keep(ready, edits, seconds, memory, pre, lines, recorded, deferred)
+                    else:
+                        self._edit_and_score(ready, pre, lines, recorded, deferred, f" {number}/{len(units)}" if len(units) > 1 else "")
                 if deferred:
                     self._score_deferred(deferred, pre, lines)
                 written = [r for r in requests if r.case_id in pending]
@@ -311,7 +328,7 @@ class EditRun:
                     writer.write(lines[request.case_id])
                 bar.update(len(written))
 
-    def _measure_many(self, requests: list[EditRequest], stage: str, lines: dict[str, dict[str, Any]], rows: RowEdits | None = None) -> dict[str, Any]:
+    def _measure_many(self, requests: list[EditRequest], stage: str, lines: dict[str, dict[str, Any]], rows: "RowEdits | RowContexts | None" = None) -> dict[str, Any]:
         """:func:`measure_chunk` on this run's model, its stage shown on the progress bar."""
         return measure_chunk(self.model, self.tokenizer, requests, self.eval, stage, lines, rows, self._stage if self.progress else None)
 
@@ -335,6 +352,39 @@ class EditRun:
             for request in ready:
                 lines[request.case_id] = error_record(request, "edit", error)
             return
+        self._score_or_keep(ready, edits, seconds, memory, pre, lines, recorded, deferred)
+
+    def _edit_together(self, units: list[list[EditRequest]]) -> list[tuple[list[Edit], float, float]] | None:
+        """The units' edits computed in one :meth:`Editor.apply_each` call (unapplied), each with the
+        call's seconds shared out per request and its peak memory; None when the call fails (each
+        unit is then edited alone, so that a failing case fails alone)."""
+        n = sum(len(unit) for unit in units)
+        self._stage(f"editing {n} together")
+        try:
+            with measure(self.device) as cost:
+                made = self.editor.apply_each(self.model, self.tokenizer, units, self.editor_config)
+        except FATAL_ERRORS:
+            raise
+        except Exception as error:
+            logger.warning("%s could not compute %d edits together (%s: %s); editing them one at a time", self.editor.name, n, type(error).__name__, error)
+            return None
+        for edit in made:
+            self._record_provenance(edit)
+            edit.info["computed_together"] = n
+        return [([edit], cost.seconds / n, cost.peak_memory_mb) for edit in made]
+
+    def _score_or_keep(
+        self,
+        ready: list[EditRequest],
+        edits: list[Edit],
+        seconds: float,
+        memory: float,
+        pre: dict[str, Any],
+        lines: dict[str, dict[str, Any]],
+        recorded: set[int],
+        deferred: list[tuple[list[EditRequest], list[Edit], float, float]] | None,
+    ) -> None:
+        """With ``edits`` applied: keep them in ``deferred`` (reverted) or score ``ready`` now and revert."""
         general_now = self.general is not None and len(recorded) == 1
         if deferred is not None and not general_now and can_share_rows(self.model, edits):
             held = sum(edited_bytes(self.model, e) for _, e, _, _ in deferred) + edited_bytes(self.model, edits)
@@ -348,7 +398,7 @@ class EditRun:
             scored = []
             for request in ready:
                 if request.case_id in post:
-                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
+                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready), **_together(edits))
                     scored.append(lines[request.case_id])
             # The general suite runs once, on the model carrying the first call's edits.
             if general_now:
@@ -362,12 +412,12 @@ class EditRun:
         """Measure the kept edits' cases together, each row with its own unit's edits, and write their lines."""
         requests = [r for ready, _, _, _ in deferred for r in ready]
         per_case = [edits for ready, edits, _, _ in deferred for _ in ready]
-        with RowEdits(self.model, per_case) as rows:
+        with share_rows(self.model, per_case) as rows:
             post = self._measure_many(requests, "post", lines, rows)
-        for ready, _, seconds, memory in deferred:
+        for ready, edits, seconds, memory in deferred:
             for request in ready:
                 if request.case_id in post:
-                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready))
+                    lines[request.case_id] = case_record(request, pre[request.case_id], post[request.case_id], seconds=seconds, peak_memory_mb=memory, edits_per_call=len(ready), **_together(edits))
 
     def _run_sequential(self, todo: list[EditRequest], writer: CaseWriter) -> None:
         scored_before = len(self.requests) - len(todo)  # by an invocation stopped while scoring (step 3)

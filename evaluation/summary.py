@@ -40,6 +40,8 @@ def write_summary(run: EditRun, wall_seconds: float) -> dict[str, Any]:
         "wall_seconds_this_invocation": wall_seconds,
         "metrics": flat,
         "protocols": protocols_of(flat),
+        # seconds_per_edit of edits computed together is their call's time shared out (eval.edit_together)
+        "edits_computed_together": max((int(r.get("edits_computed_together", 1)) for r in scored), default=1),
         **run.info,
         "provenance": run.provenance if run.provenance is not None else run_provenance(run.model, run.model_id, run.data),
     }

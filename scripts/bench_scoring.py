@@ -4,7 +4,8 @@
 
 Runs ``edit.py``'s loop (single mode, full scoring, as the README's first command does) on the
 first ``--limit`` cases with timers around each scoring stage, and prints per case: seconds of the
-edit itself, of teacher-forced scoring (all probes, pre + post), of fluency generation and of
+edit itself (an editor that computes a chunk's edits together, FT, shares that call's time out;
+``--alone`` edits one case at a time), of teacher-forced scoring (all probes, pre + post), of fluency generation and of
 generation scoring (greedy answers). Then times greedy decoding alone on the unedited model in
 milliseconds per new token and sequence, at batch 1 and at ``--batch``, with the bytes of weights
 one decoding step reads: one sequence is bound by memory bandwidth, not arithmetic (one step
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--case_batch", type=int, default=None, help="cases measured together (default: EvalConfig's)")
+    parser.add_argument("--alone", action="store_true", help="make each edit alone (eval.edit_together false), not a chunk's edits in one call")
     args = parser.parse_args()
 
     from factedit.datamodules import load_requests
@@ -89,7 +91,7 @@ def main() -> None:
         start = time.perf_counter()
         from factedit.evaluation.config import EvalConfig
 
-        eval_config = EvalConfig() if args.case_batch is None else EvalConfig(case_batch=args.case_batch)
+        eval_config = EvalConfig(edit_together=not args.alone, **({} if args.case_batch is None else {"case_batch": args.case_batch}))
         run = EditRun(model, tokenizer, editor, editor.config_class(), requests, Path(out), eval_config=eval_config, progress=False)
         summary = run.run()
         wall = time.perf_counter() - start
@@ -98,7 +100,8 @@ def main() -> None:
         edit_seconds = [json.loads(line)["seconds"] for line in (Path(out) / "cases.jsonl").read_text().splitlines()]
     n = len(requests)
     print(f"{args.editor} on {n} cases of {args.data}: {wall:.1f} s wall, {wall / n:.1f} s per case")
-    print(f"  editing            {sum(edit_seconds) / n:7.2f} s per case")
+    together = summary.get("edits_computed_together", 1)
+    print(f"  editing            {sum(edit_seconds) / n:7.2f} s per case" + (f" (up to {together} edits computed together)" if together > 1 else ""))
     for label in TIMED.values():
         print(f"  {label:<18} {totals[label] / n:7.2f} s per case (before and after the edit)")
     other = wall - sum(edit_seconds) - sum(totals.values())
@@ -107,7 +110,6 @@ def main() -> None:
     print(f"greedy decoding, unedited model ({weights:.0f} MB of weights read per step), {torch.get_num_threads()} thread(s):")
     for batch in (1, args.batch):
         print(f"  batch {batch:>3}: {decode_ms_per_token(model, tokenizer, batch):6.1f} ms per new token and sequence")
-    del summary
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ re-encoding the context for each row: a case's probes then cost their own tokens
 ``rows x (context + tokens)``. Outputs agree with the prepended-token pass to float rounding
 (``tests/editors/test_ike.py`` checks 1e-5). Models without a cache object fall back to prepending tokens.
 
+**Decoding behind a context** appends each step's keys and values into spare room of the cache
+(:class:`_GrowingLayer`) instead of transformers' copy of the whole cache per step, which with a
+context of a few hundred tokens was over half of a decoding step.
+
+**Several cases' contexts in one batch** (:class:`RowContexts`, the evaluation's counterpart of
+per-row weight edits): each row gets its own case's context, contexts left-padded to the longest
+with the padding masked out and positions given explicitly, each context encoded once. A row
+gives what the model carrying only its case's edit gives, up to float rounding.
+
 **Several applied IKE edits** compose: the context is all their demonstrations in application
 order followed by all their ``New Fact:`` lines in application order (most recent last), so the
 query follows every new fact. Reverting an edit removes exactly its pieces; the hooks go with the
@@ -60,6 +69,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from factedit.batches import pad_id, right_pad
 
@@ -107,54 +117,85 @@ def demonstrations(request: EditRequest) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class ContextPrefix:
-    """Hooks on ``model.base_model`` that put the applied edits' context in front of every input."""
+SPARE_POSITIONS = 64
+"""Room left after the contexts of a batch of rows for the pass's own tokens (a probe, a prompt and
+its first new tokens) before the cache has to grow."""
+
+
+class _GrowingLayer(DynamicLayer):
+    """A cache layer that appends into spare room instead of copying the whole cache every step.
+
+    transformers' :class:`DynamicLayer` concatenates the cached keys and values with each new
+    token's, copying all of them on every decoding step; with a context of a few hundred tokens in
+    front that copy was over half of a decoding step's time. This layer keeps them in a buffer of
+    twice the needed length and hands out views of its filled part: the same values, written once.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.numel() else 0
+        needed = held + key_states.shape[-2]
+        room = getattr(self, "_room", None)
+        # a buffer still backing self.keys (not replaced by a crop, a reorder or a reset) with space left
+        if room is None or room[2] is not self.keys or room[0].shape[-2] < needed or room[0].shape[:2] != key_states.shape[:2]:
+            shape = (*key_states.shape[:2], max(2 * needed, 64), key_states.shape[-1])
+            keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
+            if held:
+                keys[..., :held, :] = self.keys
+                values[..., :held, :] = self.values
+            room = [keys, values, None]
+        room[0][..., held:needed, :] = key_states
+        room[1][..., held:needed, :] = value_states
+        self.keys, self.values = room[0][..., :needed, :], room[1][..., :needed, :]
+        room[2] = self.keys
+        self._room = room
+        return self.keys, self.values
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+        """Start the layer with buffers whose first ``filled`` positions hold the cached keys and
+        values and whose remaining positions are spare room (a context's states written once,
+        straight into the buffer that later steps append to)."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys[..., :filled, :], values[..., :filled, :]
+        self._room = [keys, values, self.keys]
+
+
+def _growing(cache: Any) -> Any:
+    """``cache`` with each of its plain, empty :class:`DynamicLayer` replaced by a :class:`_GrowingLayer`."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        for index, layer in enumerate(layers):
+            if type(layer) is DynamicLayer and not layer.is_initialized:
+                layers[index] = _GrowingLayer()
+    return cache
+
+
+class _ContextHooks:
+    """Hooks on ``model.base_model`` that put a context in front of every input row; subclasses say
+    which context each row gets (:meth:`_row_contexts`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.pieces: list[tuple[object, torch.Tensor, torch.Tensor]] = []  # (owner, demo ids, fact ids)
-        self._ids: torch.Tensor | None = None
         self._strip = 0
         self._suspended = False
-        self._encoded: tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # (key, per-layer keys/values)
-        self._changes = 0  # counts add/remove, part of the encoded context's key
+        self._encoded: dict[Any, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # key -> (weights, keys/values)
+        self._banked: tuple | None = None  # (contexts and width, weights, per-layer banks, row of each key)
         body = model.base_model
         self._signature = inspect.signature(body.forward)
         self._handles = [
             body.register_forward_pre_hook(self._before, with_kwargs=True),
             body.register_forward_hook(self._after, with_kwargs=True),
         ]
-        setattr(model, PREFIX_ATTRIBUTE, self)
 
-    @staticmethod
-    def of(model: nn.Module) -> "ContextPrefix | None":
-        return model.__dict__.get(PREFIX_ATTRIBUTE)
+    def _row_contexts(self, batch: int) -> list[tuple[Any, torch.Tensor]]:
+        """``(key, token ids)`` of each row's context; rows with the same key share the context."""
+        raise NotImplementedError
 
-    def add(self, owner: object, demo_ids: torch.Tensor, fact_ids: torch.Tensor) -> None:
-        self.pieces.append((owner, demo_ids, fact_ids))
-        self._ids = None
-        self._changes += 1
-
-    def remove(self, owner: object) -> None:
-        self.pieces = [p for p in self.pieces if p[0] is not owner]
-        self._ids = None
-        self._changes += 1
-        if not self.pieces:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-            if ContextPrefix.of(self.model) is self:
-                delattr(self.model, PREFIX_ATTRIBUTE)
-
-    def holds(self, owner: object) -> bool:
-        return any(p[0] is owner for p in self.pieces)
-
-    @property
-    def ids(self) -> torch.Tensor:
-        """All demonstrations in application order, then all ``New Fact:`` lines likewise."""
-        if self._ids is None:
-            self._ids = torch.cat([p[1] for p in self.pieces] + [p[2] for p in self.pieces]).to(model_device(self.model))
-        return self._ids
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @contextlib.contextmanager
     def suspended(self):
@@ -168,20 +209,21 @@ class ContextPrefix:
     def _weights_version(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
 
-    def _context_states(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    def _context_states(self, key: Any, ctx: torch.Tensor, version: tuple[int, ...] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The context's keys and values per layer (batch of one), computed once per context and
-        weights; ``None`` where the model does not return a cache with per-layer tensors."""
-        ctx = self.ids
-        key = (self._changes, self._weights_version())
-        if self._encoded is None or self._encoded[0] != key:
+        weights (``version``: :meth:`_weights_version`, when the caller has it); ``None`` where the
+        model does not return a cache with per-layer tensors."""
+        version = self._weights_version() if version is None else version
+        found = self._encoded.get(key)
+        if found is None or found[0] != version:
             with self.suspended(), torch.no_grad():
                 out = self.model.base_model(input_ids=ctx[None], use_cache=True)
             cache = cache_of(out)
             layers = getattr(cache, "layers", None)
             if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
                 return None
-            self._encoded = (key, [(layer.keys, layer.values) for layer in layers])
-        return self._encoded[1]
+            found = self._encoded[key] = (version, [(layer.keys, layer.values) for layer in layers])
+        return found[1]
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._strip = 0
@@ -189,12 +231,21 @@ class ContextPrefix:
             return args, kwargs
         kw = dict(self._signature.bind_partial(*args, **kwargs).arguments)
         kw.update(kw.pop("kwargs", {}) or {})
-        ctx = self.ids
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        batch, length = (ids if ids is not None else embeds).shape[:2]
+        contexts = self._row_contexts(batch)
+        distinct = dict(contexts)  # key -> ids, in order of first use
+        if len(distinct) == 1:
+            key, ctx = next(iter(distinct.items()))
+            return self._before_shared(kw, key, ctx, batch) if len(ctx) else (args, kwargs)
+        return self._before_per_row(kw, contexts, distinct, batch, length)
+
+    def _before_shared(self, kw: dict, key: Any, ctx: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+        """Every row gets the same context ``ctx`` of ``c`` tokens."""
         c = len(ctx)
         past = cache_in(kw)
         started = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-        batch = (ids if ids is not None else embeds).shape[0]
         mask = kw.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
@@ -205,9 +256,9 @@ class ContextPrefix:
             if positions is not None:
                 kw["position_ids"] = positions + c
             return (), kw
-        states = self._context_states() if "cache" in self._signature.parameters or "past_key_values" in self._signature.parameters else None
+        states = self._context_states(key, ctx) if self._takes_cache() else None
         if states is not None:  # start the cache with the context's keys and values
-            cache = past if past is not None else DynamicCache(config=self.model.config)
+            cache = _growing(past if past is not None else DynamicCache(config=self.model.config))
             for layer, (k, v) in enumerate(states):
                 cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), layer)
             kw[cache_argument(self.model.base_model)] = cache
@@ -228,6 +279,78 @@ class ContextPrefix:
         self._strip = c
         return (), kw
 
+    def _before_per_row(self, kw: dict, contexts: list[tuple[Any, torch.Tensor]], distinct: dict, batch: int, length: int) -> tuple[tuple, dict]:
+        """Rows with different contexts: each row's context is left-padded to the longest one
+        (``width``), the padding masked out, and every position given explicitly, so that a row
+        sees exactly its own context at the positions it has alone."""
+        if not self._takes_cache():
+            raise EditError("IKE: rows with different contexts need a model whose forward takes a key-value cache")
+        lengths = [len(ctx) for _, ctx in contexts]
+        width = max(lengths)
+        past = cache_in(kw)
+        started = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        device = ref.device
+        shift = torch.tensor(lengths, device=device)[:, None]
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, (past.get_seq_length() - width if started else 0) + length, dtype=torch.long, device=device)
+        if mask.dim() != 2:
+            raise EditError("IKE: only 2-D attention masks are supported (a compiled/static cache passes 4-D masks)")
+        lead = (torch.arange(width, device=device)[None, :] >= (width - shift)).to(mask.dtype)
+        kw["attention_mask"] = torch.cat([lead, mask], dim=1)
+        positions = kw.get("position_ids")
+        if positions is None:
+            before = past.get_seq_length() - width if started else 0
+            positions = torch.arange(before, before + length, device=device)[None, :].expand(batch, length)
+        kw["position_ids"] = positions + shift
+        if started:
+            return (), kw
+        cache = _growing(past if past is not None else DynamicCache(config=self.model.config))
+        banks, index = self._bank(distinct, width)
+        rows = torch.tensor([index[key] for key, _ in contexts], device=device)
+        layers = getattr(cache, "layers", None)
+        for layer, (bank_k, bank_v) in enumerate(banks):
+            keys, values = bank_k.index_select(0, rows), bank_v.index_select(0, rows)
+            if isinstance(layers, list) and layer < len(layers) and isinstance(layers[layer], _GrowingLayer) and not layers[layer].is_initialized:
+                layers[layer].adopt(keys, values, width)  # the gathered rows are the cache's buffer, spare room included
+            else:
+                cache.update(keys[..., :width, :], values[..., :width, :], layer)
+        kw[cache_argument(self.model.base_model)] = cache
+        return (), kw
+
+    def _bank(self, distinct: dict, width: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[Any, int]]:
+        """Per layer, the keys and values of the contexts ``distinct`` (key -> ids) left-padded with
+        zeros to ``width`` and followed by :data:`SPARE_POSITIONS` of room for the pass's own
+        tokens, one row per context, and each key's row: a batch's cache is then one
+        ``index_select`` per layer, written once. Kept while the same contexts come at the same
+        width (the passes of one chunk of cases) and the weights are unchanged."""
+        version = self._weights_version()
+        tag = (tuple(distinct), width)
+        held = self._banked
+        if held is not None and held[0] == tag and held[1] == version:
+            return held[2], held[3]
+        states = {key: self._context_states(key, ctx, version) for key, ctx in distinct.items() if len(ctx)}  # an empty context adds nothing
+        if not states or any(value is None for value in states.values()):
+            raise EditError("IKE: rows with different contexts need a model that returns its keys and values per layer")
+        index = {key: i for i, key in enumerate(distinct)}
+        some = next(iter(states.values()))
+        banks = []
+        for layer in range(len(some)):
+            k0, v0 = some[layer]
+            bank_k = k0.new_zeros(len(distinct), k0.shape[1], width + SPARE_POSITIONS, k0.shape[3])
+            bank_v = v0.new_zeros(len(distinct), v0.shape[1], width + SPARE_POSITIONS, v0.shape[3])
+            for key, per_layer in states.items():
+                ck, cv = per_layer[layer]
+                bank_k[index[key], :, width - ck.shape[2] : width] = ck[0]
+                bank_v[index[key], :, width - cv.shape[2] : width] = cv[0]
+            banks.append((bank_k, bank_v))
+        self._banked = (tag, version, banks, index)
+        return banks, index
+
+    def _takes_cache(self) -> bool:
+        return "cache" in self._signature.parameters or "past_key_values" in self._signature.parameters
+
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         c, self._strip = self._strip, 0
         if not c:
@@ -241,6 +364,103 @@ class ContextPrefix:
         if getattr(output, "attentions", None) is not None:
             output.attentions = tuple(a[:, :, c:] for a in output.attentions)
         return output
+
+
+class ContextPrefix(_ContextHooks):
+    """Hooks on ``model.base_model`` that put the applied edits' context in front of every input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.pieces: list[tuple[object, torch.Tensor, torch.Tensor]] = []  # (owner, demo ids, fact ids)
+        self._ids: torch.Tensor | None = None
+        self._changes = 0  # counts add/remove, the encoded context's key
+        setattr(model, PREFIX_ATTRIBUTE, self)
+
+    @staticmethod
+    def of(model: nn.Module) -> "ContextPrefix | None":
+        return model.__dict__.get(PREFIX_ATTRIBUTE)
+
+    def add(self, owner: object, demo_ids: torch.Tensor, fact_ids: torch.Tensor) -> None:
+        self.pieces.append((owner, demo_ids, fact_ids))
+        self._changed()
+
+    def remove(self, owner: object) -> None:
+        self.pieces = [p for p in self.pieces if p[0] is not owner]
+        self._changed()
+        if not self.pieces:
+            self._remove_hooks()
+            if ContextPrefix.of(self.model) is self:
+                delattr(self.model, PREFIX_ATTRIBUTE)
+
+    def _changed(self) -> None:
+        self._ids = None
+        self._changes += 1
+        self._encoded.clear()
+        self._banked = None
+
+    def holds(self, owner: object) -> bool:
+        return any(p[0] is owner for p in self.pieces)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """All demonstrations in application order, then all ``New Fact:`` lines likewise."""
+        if self._ids is None:
+            self._ids = torch.cat([p[1] for p in self.pieces] + [p[2] for p in self.pieces]).to(model_device(self.model))
+        return self._ids
+
+    def _row_contexts(self, batch: int) -> list[tuple[Any, torch.Tensor]]:
+        return [(self._changes, self.ids)] * batch
+
+
+class RowContexts(_ContextHooks):
+    """Several IKE edits measured in one batch: each batch row runs with its own case's context.
+
+    The counterpart of :class:`~factedit.evaluation.row_edits.RowEdits` for in-context edits.
+    ``per_case[i]`` is the list of (unapplied) :class:`IKEEdit` of case ``i``, whose context is
+    theirs as :class:`ContextPrefix` would compose it (an empty list: no context). Before each
+    forward pass the caller names the case of every row with :meth:`select`. Each case's context
+    is encoded once (its keys and values), and rows of different cases are left-padded to the
+    longest context with the padding masked out and their positions given explicitly, so a row
+    gives what the model with only its case's edits applied gives, up to float rounding.
+    """
+
+    def __init__(self, model: nn.Module, per_case: Sequence[Sequence["IKEEdit"]]) -> None:
+        if ContextPrefix.of(model) is not None:
+            raise EditError("RowContexts: the model already carries applied IKE edits; revert them first")
+        device = model_device(model)
+        self.contexts: list[torch.Tensor] = []
+        units: dict[tuple[int, ...], int] = {}
+        self._unit_of_case: list[int] = []
+        for edits in per_case:
+            if any(not isinstance(edit, IKEEdit) for edit in edits):
+                raise EditError("RowContexts measures IKE edits only")
+            key = tuple(id(edit) for edit in edits)
+            if key not in units:
+                units[key] = len(self.contexts)
+                ids = [e.demo_ids for e in edits] + [e.fact_ids for e in edits]
+                self.contexts.append(torch.cat(ids).to(device) if ids else torch.zeros(0, dtype=torch.long, device=device))
+            self._unit_of_case.append(units[key])
+        self._rows: list[int] | None = None
+        super().__init__(model)
+        self._remove_hooks()  # installed while the block runs
+
+    def select(self, cases: Sequence[int]) -> None:
+        """Name the case of each row of the next forward passes (``cases[row]``: an index into ``per_case``)."""
+        self._rows = [self._unit_of_case[case] for case in cases]
+
+    def _row_contexts(self, batch: int) -> list[tuple[Any, torch.Tensor]]:
+        if self._rows is None or len(self._rows) != batch:
+            raise EditError(f"RowContexts: a batch of {batch} rows, but select named {0 if self._rows is None else len(self._rows)}")
+        return [(unit, self.contexts[unit]) for unit in self._rows]
+
+    def __enter__(self) -> "RowContexts":
+        body = self.model.base_model
+        self._handles = [body.register_forward_pre_hook(self._before, with_kwargs=True), body.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove_hooks()
+        self._rows, self._encoded, self._banked = None, {}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +496,17 @@ class IKEEdit(Edit):
     def num_stored_values(self) -> int:
         return self.demo_ids.numel() + self.fact_ids.numel()
 
+    def row_bytes(self, model: nn.Module) -> int:
+        """Bytes of this context's keys and values when measured per row (:class:`RowContexts`)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        element = next(model.parameters()).element_size()
+        return self.num_stored_values() * layers * 2 * kv_heads * head_dim * element
+
     def _apply(self, model: nn.Module) -> None:
         vocab = model.get_input_embeddings().num_embeddings
         if int(torch.cat([self.demo_ids, self.fact_ids]).max()) >= vocab:
@@ -300,6 +531,9 @@ class IKEEdit(Edit):
         if set(tensors) != {"demo_ids", "fact_ids"}:
             raise EditError(f"IKE edit: expected tensors demo_ids and fact_ids, got {sorted(tensors)}")
         return cls(meta["editor"], tensors["demo_ids"], tensors["fact_ids"], meta.get("case_ids", ()), meta.get("config"), meta.get("info"))
+
+
+IKEEdit.row_sharing = RowContexts  # how the runner measures several cases' IKE edits in one batch
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,3 +151,27 @@ def test_context_is_encoded_once_and_again_after_a_weight_change(tiny_model, tok
     finally:
         handle.remove()
         edit.revert(tiny_model)
+
+
+def test_generation_with_a_context_appends_to_the_cache_in_place(tiny_model, tokenizer, request_factory, monkeypatch):
+    """Decoding behind a context writes each step's keys and values into spare room of the cache
+    (no copy of the whole cache per step) and gives what transformers' own cache layer gives."""
+    from factedit.editors.ike import editor as ike_module
+
+    inputs = tokenizer(["The capital of Italy is"], return_tensors="pt")
+    settings = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    edit = get_editor("ike")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(k=0))
+    layers = []
+    growing = ike_module._growing
+    monkeypatch.setattr(ike_module, "_growing", lambda cache: layers.extend(type(layer).__name__ for layer in growing(cache).layers) or cache)
+    try:
+        with torch.no_grad():
+            grown = tiny_model.generate(**inputs, **settings)
+        monkeypatch.setattr(ike_module, "_growing", lambda cache: cache)
+        with torch.no_grad():
+            plain = tiny_model.generate(**inputs, **settings)
+    finally:
+        edit.revert(tiny_model)
+    assert layers and set(layers) == {"_GrowingLayer"}
+    assert torch.equal(grown.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(grown.scores), torch.stack(plain.scores), rtol=1e-5, atol=1e-5)

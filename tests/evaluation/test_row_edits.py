@@ -132,6 +132,24 @@ def test_a_case_samples_alike_whatever_shares_its_batch(tokenizer):
     assert tokenizer.batch_decode(out, skip_special_tokens=True) == alone
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_draw_equals_torch_multinomial(dtype):
+    """The sampler's cheaper draw takes the generator's numbers exactly as torch.multinomial does:
+    the same tokens, step after step, for top-k rows (ties included), several rows and dense rows."""
+    from factedit.evaluation.generation import _multinomial_one
+
+    for trial in range(40):
+        scores = torch.randn(1 + trial % 3, 5000, dtype=dtype) * 3
+        if trial % 4 == 0:
+            scores[:, :7] = 9.0  # tied top scores
+        if trial % 5 != 4:  # top-k; every fifth trial dense
+            scores = scores.masked_fill(scores < torch.topk(scores, 5)[0][..., -1, None], -float("inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ours, theirs = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        for _ in range(3):
+            assert torch.equal(_multinomial_one(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
+
+
 def test_only_weight_changes_of_linear_layers_share_rows(tiny_model):
     embedding = next(n for n, _ in tiny_model.named_parameters() if "wte" in n or "embed_tokens" in n)
     shape = dict(tiny_model.named_parameters())[embedding].shape
@@ -143,21 +161,76 @@ def test_only_weight_changes_of_linear_layers_share_rows(tiny_model):
         RowEdits(tiny_model, [[Edit("test", {embedding: ParamDelta(delta=torch.zeros(shape))})]])
 
 
-@pytest.mark.parametrize("editor_name", ["ft_m", "grace"])
-def test_chunked_runs_equal_one_case_at_a_time(editor_name, tokenizer, request_factory, tmp_path):
+def _ike_edits(model, tokenizer, requests):
+    from factedit.editors.ike import IKEConfig
+
+    editor, edits = get_editor("ike")(), []
+    for request in requests:
+        edit = editor.apply(model, tokenizer, [request], IKEConfig(k=0, builtin_pool=False))  # GPT-2's 128 positions
+        edit.revert(model)
+        edits.append(edit)
+    return edits
+
+
+def test_each_row_runs_with_its_own_ike_context(tiny_model, tokenizer, request_factory):
+    """IKE's contexts per row (RowContexts): rows of three cases, one with no edit, of contexts of
+    different lengths, give the teacher-forced logits and the samples of the model carrying only
+    their case's context (ContextPrefix), within float rounding."""
+    from factedit.editors.core.lm import collate_pairs, encode_pair, logits_at
+    from factedit.editors.ike.editor import RowContexts
+
+    requests = [request_factory("a", target_new="Paris"), request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="the city of Rome")]
+    edits = _ike_edits(tiny_model, tokenizer, requests)
+    assert len(edits[0].demo_ids) + len(edits[0].fact_ids) != len(edits[1].demo_ids) + len(edits[1].fact_ids)
+    per_case = [[edits[0]], [edits[1]], []]
+    pairs = [("The capital of Italy is", "Rome"), ("Danielle Darrieux speaks", "English and French")]
+    owners = [0, 1, 2, 1, 0, 2]
+    config = dataclasses.replace(EVAL, generation_length=8)
+    expected, texts = [], []
+    for row, case in enumerate(owners):
+        for edit in per_case[case]:
+            edit.apply(tiny_model)
+        with torch.no_grad():
+            expected.append(logits_at(tiny_model, collate_pairs([encode_pair(tokenizer, *pairs[row % 2])], tokenizer.pad_token_id)))
+        texts += generate_texts(tiny_model, tokenizer, [pairs[row % 2][0]], config)
+        for edit in per_case[case]:
+            edit.revert(tiny_model)
+    batch = collate_pairs([encode_pair(tokenizer, *pairs[row % 2]) for row in range(len(owners))], tokenizer.pad_token_id)
+    assert can_share_rows(tiny_model, edits[:1])
+    with RowContexts(tiny_model, per_case) as rows, torch.no_grad():
+        rows.select(owners)
+        together = logits_at(tiny_model, batch)
+    # sampling: each row its own case (its own seeded generator), cases of one edit sharing its context
+    with RowContexts(tiny_model, [per_case[case] for case in owners]) as rows:
+        assert len(rows.contexts) == 3
+        sampled = generate_texts(tiny_model, tokenizer, [pairs[row % 2][0] for row in range(len(owners))], config, list(range(len(owners))), rows.select)
+    torch.testing.assert_close(together, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    assert sampled == texts
+    assert not torch.allclose(expected[0], expected[5][: len(expected[0])]), "test premise: the context changes the logits"
+
+
+@pytest.mark.parametrize("editor_name", ["ft_m", "grace", "ike"])
+def test_chunked_runs_equal_one_case_at_a_time(editor_name, tokenizer, request_factory, tmp_path, monkeypatch):
     """A run measuring its cases in chunks gives each case the numbers it gets measured alone:
-    FT-M's weight changes through RowEdits, GRACE's codebook on the edited model, case by case."""
+    FT-M's weight changes through RowEdits (made together), IKE's contexts through RowContexts,
+    GRACE's codebook on the edited model, case by case."""
     from helpers import build_llama
 
     requests = [request_factory(str(i), target_new=t) for i, t in enumerate(["English", "German", "Italian"])]
     editor_class = get_editor(editor_name)
-    settings = {"ft_m": {"layers": [1], "steps": 3}, "grace": {"layer": 1, "steps": 3}}[editor_name]
+    settings = {"ft_m": {"layers": [1], "steps": 3}, "grace": {"layer": 1, "steps": 3}, "ike": {"k": 0, "builtin_pool": False}}[editor_name]
+    from factedit.evaluation import runner
+
+    shared = []  # the per-row classes the runner measured edited cases with
+    real = runner.share_rows
+    monkeypatch.setattr(runner, "share_rows", lambda model, per_case: shared.append(type(found := real(model, per_case)).__name__) or found)
     lines = {}
     for case_batch in (1, 16):
         out = tmp_path / str(case_batch)
         config = dataclasses.replace(EVAL, case_batch=case_batch)
         EditRun(build_llama(len(tokenizer)), tokenizer, editor_class(), editor_class.config_class(**settings), requests, out, eval_config=config, progress=False).run()
         lines[case_batch] = read_jsonl(out / "cases.jsonl")
+    assert shared == {"ft_m": ["RowEdits"] * 4, "grace": [], "ike": ["RowContexts"] * 4}[editor_name]
     for one, joint in zip(lines[1], lines[16]):
         assert one["case_id"] == joint["case_id"]
         for stage in ("pre", "post"):
@@ -165,5 +238,7 @@ def test_chunked_runs_equal_one_case_at_a_time(editor_name, tokenizer, request_f
                 assert joint[stage]["scores"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (stage, key)
             assert joint[stage]["raw"]["fluency"] == one[stage]["raw"]["fluency"]
             assert joint[stage]["raw"]["reliability"] == one[stage]["raw"]["reliability"]
-    for line in lines[16]:  # each edit did its work: the new target is likelier on its own prompt
+    # each edit did its work: the new target is likelier on its own prompt (a context on a tiny
+    # random model need not make it so: IKE's rows are checked against the edited model above)
+    for line in lines[16] if editor_name != "ike" else []:
         assert line["post"]["raw"]["es"]["nll_new"][0] < line["pre"]["raw"]["es"]["nll_new"][0] - 1e-3

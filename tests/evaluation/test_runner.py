@@ -60,15 +60,23 @@ class _Interrupting:
     def __init__(self, inner, fail_on: int) -> None:
         self.inner, self.fail_on, self.calls = inner, fail_on, 0
         self.name, self.config_class, self.supports_batch = inner.name, inner.config_class, inner.supports_batch
+        self.computes_together = inner.computes_together
 
     def prepare(self, *args):
         self.inner.prepare(*args)
 
-    def apply(self, *args):
+    def _call(self) -> None:
         self.calls += 1
         if self.calls == self.fail_on:
             raise KeyboardInterrupt
+
+    def apply(self, *args):
+        self._call()
         return self.inner.apply(*args)
+
+    def apply_each(self, *args):  # one call for a chunk's edits computed together
+        self._call()
+        return self.inner.apply_each(*args)
 
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])
@@ -109,7 +117,8 @@ def test_interrupted_run_resumes_to_the_same_result(mode, tokenizer, request_fac
 
     model = build_llama(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    interrupting = _Interrupting(get_editor("ft_m")(), fail_on=3)
+    # single mode computes the first chunk's two edits in one call: the third case's edit is the second call
+    interrupting = _Interrupting(get_editor("ft_m")(), fail_on=2 if mode == "single" else 3)
     with pytest.raises(KeyboardInterrupt):
         _run(model, tokenizer, requests, tmp_path / "resumed", mode, editor=interrupting, eval_config=chunked)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "interrupt left the model edited"
