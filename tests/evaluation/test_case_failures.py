@@ -76,6 +76,23 @@ def _scores(records):
     return [{k: r[k] for k in ("case_id", "pre", "post")} for r in records]
 
 
+def _assert_close(got, expected, path="") -> None:
+    """Equal structure, equal ids and texts, floats equal up to the rounding of a differently shaped
+    batch (a chunk that holds a failed case falls back to measuring its cases one at a time)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), path
+        for key in expected:
+            _assert_close(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(got, expected)):
+            _assert_close(a, b, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), path
+    else:
+        assert got == expected, path
+
+
 @pytest.mark.parametrize("mode,per_call", [("single", 1), ("batch", 2), ("sequential", 1)])
 def test_overlong_prompt_is_recorded_as_failed_and_the_run_goes_on(mode, per_call, tokenizer, request_factory, tmp_path):
     model = _gpt2(tokenizer)
@@ -92,8 +109,8 @@ def test_overlong_prompt_is_recorded_as_failed_and_the_run_goes_on(mode, per_cal
     if mode != "batch":  # the metrics are those of the other cases alone (the failed case was never edited)
         good = [r for r in _requests(request_factory) if r.case_id != "1"]
         alone = _run(_gpt2(tokenizer), tokenizer, good, tmp_path / "alone", mode, per_call)
-        assert _quality(summary["metrics"]) == _quality(alone["metrics"])
-        assert _scores([r for r in records if "failed" not in r]) == _scores(read_jsonl(tmp_path / "alone" / "cases.jsonl"))
+        _assert_close(_quality(summary["metrics"]), _quality(alone["metrics"]))
+        _assert_close(_scores([r for r in records if "failed" not in r]), _scores(read_jsonl(tmp_path / "alone" / "cases.jsonl")))
     # The same command again: the recorded failure is finished work, not retried.
     again = _Wrapped(get_editor("ft_m")())
     assert _run(model, tokenizer, _requests(request_factory, LONG_PROMPT), tmp_path / "run", mode, per_call, editor=again)["failed_cases"] == 1
