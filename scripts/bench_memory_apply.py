@@ -1,12 +1,13 @@
 """Seconds per ``apply`` of the trained memory and patch editors, with and without frozen_below.
 
-GRACE, T-Patcher, CaliNET and WISE train something at one block with the model frozen; inside
-:func:`editors.prefix.frozen_below` only the blocks from that one up run on each step. This
+T-Patcher, CaliNET and WISE train something at one block with the model frozen; inside
+:func:`editors.prefix.frozen_below` only the blocks from that one up run on each step (GRACE
+goes further, with :class:`editors.prefix.FrozenPrefix`: see ``bench_edit_seconds.py``). This
 script times each editor's ``apply`` (one CounterFact request per call, reverted after) both
 ways, alternating per request in one process so that machine load hits both alike, and prints
 the medians and their ratio.
 
-    OMP_NUM_THREADS=2 python scripts/bench_memory_apply.py --limit 5 --methods grace t_patcher calinet wise
+    OMP_NUM_THREADS=2 python scripts/bench_memory_apply.py --limit 5 --methods t_patcher calinet wise
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=5, help="requests per editor (the first of the data file)")
-    parser.add_argument("--methods", nargs="+", default=["grace", "t_patcher", "calinet", "wise"])
+    parser.add_argument("--methods", nargs="+", default=["t_patcher", "calinet", "wise"], choices=["t_patcher", "calinet", "wise"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/counterfact/counterfact_test.json"))
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     requests = load_requests(args.data if Path(args.data).exists() else "counterfact-demo", limit=args.limit)
-    modules = {"grace": "factedit.editors.grace.editor", "t_patcher": "factedit.editors.t_patcher.editor", "calinet": "factedit.editors.calinet.editor", "wise": "factedit.editors.wise.editor"}
+    modules = {"t_patcher": "factedit.editors.t_patcher.editor", "calinet": "factedit.editors.calinet.editor", "wise": "factedit.editors.wise.editor"}
 
     @contextlib.contextmanager
     def every_block(*_args, **_kwargs):

@@ -56,8 +56,8 @@ from factedit.batches import pad_id
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
 from ..core.hooks import ModuleMemory, first_tensor, replace_first, trace
-from ..core.lm import collate_pairs, encode_pair, model_device, target_nll
-from ..core.prefix import frozen_below
+from ..core.lm import collate_pairs, encode_pair, model_device, unembed
+from ..core.prefix import FrozenPrefix
 from ..core.targets import get_module, get_targets, resolve_layer
 from .config import GRACEConfig
 
@@ -317,7 +317,7 @@ class GRACE(Editor):
         uid = uuid.uuid4().hex
         codebook = Codebook.of(model, module_name)
         plan = plan_updates(codebook.entries if codebook is not None else None, keys, labels, config.eps_init, uid)
-        values = self._train_values(model, targets, layer, module_name, [encoded[r] for r in plan.new_requests], warm[plan.new_requests], tokenizer, config)
+        values, steps = self._train_values(model, targets, layer, module_name, [encoded[r] for r in plan.new_requests], warm[plan.new_requests], tokenizer, config)
 
         width = keys.shape[1]
         edit = GRACEEdit(
@@ -332,42 +332,53 @@ class GRACE(Editor):
             uid,
             [r.case_id for r in requests],
             config.to_dict(),
-            {"actions": plan.actions},
+            {"actions": plan.actions, "steps": steps},
         )
         logger.debug("GRACE at %s: %s", module_name, plan.actions)
         return edit.apply(model)
 
-    def _train_values(self, model, targets, layer, module_name, encoded, warm: torch.Tensor, tokenizer, config: GRACEConfig) -> torch.Tensor:
+    def _train_values(self, model, targets, layer, module_name, encoded, warm: torch.Tensor, tokenizer, config: GRACEConfig) -> tuple[torch.Tensor, int]:
         """Values that make each prompt predict its target, the base weights frozen (section 3).
 
-        Only the blocks from ``layer`` up run on each step (:func:`editors.prefix.frozen_below`)."""
+        A value replaces the wrapped module's output at the prompt's last token, so nothing before
+        that token, and nothing below ``layer``, depends on it: the prompt up to that token runs
+        once and is kept as keys and values (:class:`~factedit.editors.core.prefix.FrozenPrefix`),
+        and each step runs only the last prompt token and the target's tokens through the blocks
+        from ``layer`` up. The loss is the same per-token mean target NLL as on the full
+        sequence, up to float rounding. Returns the values and the optimisation steps taken."""
         if not encoded:
-            return warm.detach().cpu()
+            return warm.detach().cpu(), 0
         device = model_device(model)
-        batch = collate_pairs(encoded, pad_id(tokenizer), device)
-        rows = torch.arange(len(encoded), device=device)
-        cols = torch.tensor([len(p) - 1 for p, _ in encoded], device=device)
+        prefix = FrozenPrefix(model, targets, [p + t for p, t in encoded], [len(p) - 1 for p, _ in encoded], layer, pad_id(tokenizer))
+        # suffix column j (the last prompt token, then the target's tokens) predicts target token j
+        rows = torch.tensor([i for i, (_, t) in enumerate(encoded) for _ in t], device=device)
+        cols = torch.tensor([j for _, t in encoded for j in range(len(t))], device=device)
+        wanted = torch.tensor([token for _, t in encoded for token in t], device=device)
+        lengths = torch.tensor([len(t) for _, t in encoded], device=device, dtype=torch.float32)
         values = warm.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([values], lr=config.lr)
 
         def put_values(module: nn.Module, args: tuple, output: Any) -> Any:
             out = first_tensor(output).clone()
-            out[rows, cols] = values.to(out.dtype)
+            out[:, 0] = values.to(out.dtype)
             return replace_first(output, out)
 
         handle = get_module(model, module_name).register_forward_hook(put_values)
-        loss = None
+        loss, taken = None, 0
         try:
-            with torch.enable_grad(), frozen_below(model, targets, layer, batch.input_ids, batch.attention_mask):
-                for step in range(config.steps):
-                    loss = target_nll(model, batch).mean()
+            with torch.enable_grad():
+                for _ in range(config.steps):
+                    logp = torch.log_softmax(unembed(model, prefix.hidden()[rows, cols]).float(), dim=-1)
+                    token_nll = -logp.gather(1, wanted[:, None])[:, 0]
+                    loss = (torch.zeros(len(encoded), device=device).index_add(0, rows, token_nll) / lengths).mean()
                     if loss.item() < config.stop_loss:
                         break
                     optimiser.zero_grad()
                     # Only the values need gradients: torch.autograd.grad leaves the model's .grad alone.
                     (values.grad,) = torch.autograd.grad(loss, [values])
                     optimiser.step()
+                    taken += 1
         finally:
             handle.remove()
-        logger.debug("GRACE values: loss %.4f after %d steps", float("nan") if loss is None else loss.item(), step + 1 if config.steps else 0)
-        return values.detach().cpu()
+        logger.debug("GRACE values: loss %.4f after %d steps", float("nan") if loss is None else loss.item(), taken)
+        return values.detach().cpu(), taken

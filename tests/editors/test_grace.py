@@ -172,3 +172,28 @@ def test_refuses_non_finite_values(tiny_model, tokenizer, request_factory):
     with pytest.raises(Exception, match="non-finite"):
         edit.apply(tiny_model)
     assert Codebook.of(tiny_model, edit.module) is None
+
+
+def test_value_training_loss_is_the_full_sequence_target_nll(tiny_model, tokenizer, request_factory, caplog):
+    """Values are trained on the split token onwards only (the prompt before it kept as keys and
+    values): the loss that stopped training equals the target NLL of the full prompt + target
+    sequence with the trained value in place, for a multi-token target."""
+    import logging
+    import re
+
+    from factedit.editors.core.lm import target_nll
+
+    req = request_factory(target_new="the city of Rome")
+    prompt_ids, target_ids = encode_pair(tokenizer, req.prompt, req.target_new)
+    assert len(target_ids) >= 3, "test premise: a multi-token target"
+    batch = collate_pairs([(prompt_ids, target_ids)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = float(target_nll(tiny_model, batch)[0])
+    config = _config(stop_loss=before - 0.05)  # stops early, so the last loss is the final value's
+    with caplog.at_level(logging.DEBUG, logger="factedit.editors.grace.editor"):
+        edit = get_editor("grace")().apply(tiny_model, tokenizer, [req], config)
+    trained = float(re.search(r"values: loss ([0-9.]+) after (\d+) steps", caplog.text).group(1))
+    with torch.no_grad():
+        after = float(target_nll(tiny_model, batch)[0])
+    assert after < config.stop_loss and after == pytest.approx(trained, abs=1e-4)
+    edit.revert(tiny_model)

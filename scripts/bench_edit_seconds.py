@@ -1,0 +1,82 @@
+"""Seconds per edit of one editor under two settings, measured side by side.
+
+    python scripts/bench_edit_seconds.py --editor grace --base "lr=0.1" --new "" --limit 20
+
+Edits the first ``--limit`` records of ``--data`` one at a time (each edit made, timed and
+reverted) with the editor's config updated by ``--base`` and then by ``--new``, alternating record
+by record, so both settings see the same records on the same machine at the same moment (shared
+cores drift by tens of percent over minutes). Prints each setting's mean and median seconds per
+edit, their ratio, and the steps the editor reports where it records them (``info["steps"]``).
+Settings are comma-separated ``field=value`` pairs of the editor's config (values read as Python
+literals); an empty string keeps the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_settings(text: str) -> dict:
+    settings = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--editor", default="grace")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_mend_eval_portability_gpt4.json")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--base", default="", help="settings of the first column, e.g. 'lr=0.1,steps=100'")
+    parser.add_argument("--new", default="", help="settings of the second column ('' : the defaults)")
+    args = parser.parse_args()
+
+    import dataclasses
+
+    from factedit.datamodules import load_requests
+    from factedit.editors import get_editor
+    from factedit.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    editor = get_editor(args.editor)()
+    defaults = editor.config_class()
+    configs = {"base": dataclasses.replace(defaults, **parse_settings(args.base)), "new": dataclasses.replace(defaults, **parse_settings(args.new))}
+    requests = load_requests(args.data, limit=args.limit)
+    if hasattr(editor, "prepare"):
+        for config in configs.values():
+            editor.prepare(model, tokenizer, config)
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    steps: dict[str, list[int]] = {name: [] for name in configs}
+    for number, request in enumerate(requests, 1):
+        for name, config in configs.items():
+            start = time.perf_counter()
+            edit = editor.apply(model, tokenizer, [request], config)
+            seconds[name].append(time.perf_counter() - start)
+            if isinstance(edit.info.get("steps"), int):
+                steps[name].append(edit.info["steps"])
+            edit.revert(model)
+        print(f"{number}/{len(requests)}: " + ", ".join(f"{name} {seconds[name][-1]:.2f} s" for name in configs), flush=True)
+    print(f"{args.editor} on {len(requests)} records of {args.data}, one edit at a time:")
+    for name, text in (("base", args.base), ("new", args.new)):
+        line = f"  {name} ({text or 'defaults'}): mean {statistics.mean(seconds[name]):.2f} s, median {statistics.median(seconds[name]):.2f} s per edit"
+        if steps[name]:
+            line += f", {statistics.mean(steps[name]):.1f} steps on average"
+        print(line)
+    print(f"  new / base: {statistics.mean(seconds['new']) / statistics.mean(seconds['base']):.2f} (means)")
+
+
+if __name__ == "__main__":
+    main()
