@@ -75,7 +75,7 @@ def edited_bytes(model: torch.nn.Module, edits: Sequence[Edit]) -> int:
     """Bytes measuring ``edits`` per batch row holds: one copy of each changed parameter, and what
     an edit of another kind says it needs (``row_bytes``: an IKE context's keys and values)."""
     names = {name for edit in edits for name in edit.deltas}
-    held = sum(model.get_parameter(name).numel() * model.get_parameter(name).element_size() for name in names)
+    held = sum(param.numel() * param.element_size() for param in map(model.get_parameter, names))
     return held + sum(edit.row_bytes(model) for edit in edits if hasattr(edit, "row_bytes"))
 
 

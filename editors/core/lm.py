@@ -173,10 +173,16 @@ def logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
 
 def target_nll(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """Per-sequence negative log-likelihood of the targets, averaged over each target's tokens."""
-    logp = torch.log_softmax(logits_at(model, batch).float(), dim=-1)
-    token_nll = -logp.gather(1, batch.targets[:, None])[:, 0]
-    per_seq = torch.zeros(len(batch.lengths), device=token_nll.device).index_add(0, batch.rows, token_nll)
-    return per_seq / torch.tensor(batch.lengths, device=token_nll.device, dtype=per_seq.dtype)
+    return sequence_nll(logits_at(model, batch), batch.rows, batch.targets, batch.lengths)
+
+
+def sequence_nll(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Per-sequence mean NLL of target tokens from their logits ``[n_tokens, vocab]``: token ``i``
+    is ``targets[i]`` of sequence ``rows[i]``, which has ``lengths[row]`` target tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_nll = -logp.gather(1, targets[:, None])[:, 0]
+    per_seq = torch.zeros(len(lengths), device=token_nll.device).index_add(0, rows, token_nll)
+    return per_seq / torch.tensor(lengths, device=token_nll.device, dtype=per_seq.dtype)
 
 
 def minimise_target_nll(model: nn.Module, batch: PairBatch, optimizer: torch.optim.Optimizer, steps: int, stop_loss: float, after_step=None) -> tuple[int, float]:

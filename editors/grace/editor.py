@@ -56,7 +56,7 @@ from factedit.batches import pad_id
 
 from ..base import Edit, EditError, Editor, EditRequest, check_finite, register_editor
 from ..core.hooks import ModuleMemory, first_tensor, replace_first, trace
-from ..core.lm import collate_pairs, encode_pair, model_device, unembed
+from ..core.lm import collate_pairs, encode_pair, model_device, sequence_nll, unembed
 from ..core.prefix import FrozenPrefix
 from ..core.targets import get_module, get_targets, resolve_layer
 from .config import GRACEConfig
@@ -354,7 +354,7 @@ class GRACE(Editor):
         rows = torch.tensor([i for i, (_, t) in enumerate(encoded) for _ in t], device=device)
         cols = torch.tensor([j for _, t in encoded for j in range(len(t))], device=device)
         wanted = torch.tensor([token for _, t in encoded for token in t], device=device)
-        lengths = torch.tensor([len(t) for _, t in encoded], device=device, dtype=torch.float32)
+        lengths = [len(t) for _, t in encoded]
         values = warm.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([values], lr=config.lr)
 
@@ -368,9 +368,7 @@ class GRACE(Editor):
         try:
             with torch.enable_grad():
                 for _ in range(config.steps):
-                    logp = torch.log_softmax(unembed(model, prefix.hidden()[rows, cols]).float(), dim=-1)
-                    token_nll = -logp.gather(1, wanted[:, None])[:, 0]
-                    loss = (torch.zeros(len(encoded), device=device).index_add(0, rows, token_nll) / lengths).mean()
+                    loss = sequence_nll(unembed(model, prefix.hidden()[rows, cols]), rows, wanted, lengths).mean()
                     if loss.item() < config.stop_loss:
                         break
                     optimiser.zero_grad()
