@@ -146,14 +146,13 @@ class FineTune(Editor):
         return edits
 
     def _train_together(self, model, tokenizer, units, config: FTConfig, targets, layers, names, modules) -> list[Edit]:
-        params = dict(model.named_parameters())
         requests = [r for unit in units for r in unit]
         batch = self._batch(model, tokenizer, requests, config)
         device = batch.input_ids.device
         n = len(units)
         row_case = torch.tensor([i for i, unit in enumerate(units) for _ in unit], dtype=torch.long, device=device)
         counts = torch.tensor([len(unit) for unit in units], dtype=torch.float32, device=device)
-        originals = [params[name].detach() for name in names]
+        originals = [model.get_parameter(name).detach() for name in names]
         stacks = [original.unsqueeze(0).repeat(n, *([1] * original.dim())).requires_grad_(True) for original in originals]
         optimizer = torch.optim.Adam(stacks, lr=config.lr, weight_decay=config.weight_decay)
         active = torch.ones(n, dtype=torch.bool, device=device)

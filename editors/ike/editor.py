@@ -181,8 +181,11 @@ class _ContextHooks:
         self._suspended = False
         self._encoded: dict[Any, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # key -> (weights, keys/values)
         self._banked: tuple | None = None  # (contexts and width, weights, per-layer banks, row of each key)
-        body = model.base_model
-        self._signature = inspect.signature(body.forward)
+        self._signature = inspect.signature(model.base_model.forward)
+        self._handles: list = []
+
+    def _install_hooks(self) -> None:
+        body = self.model.base_model
         self._handles = [
             body.register_forward_pre_hook(self._before, with_kwargs=True),
             body.register_forward_hook(self._after, with_kwargs=True),
@@ -371,6 +374,7 @@ class ContextPrefix(_ContextHooks):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        self._install_hooks()
         self.pieces: list[tuple[object, torch.Tensor, torch.Tensor]] = []  # (owner, demo ids, fact ids)
         self._ids: torch.Tensor | None = None
         self._changes = 0  # counts add/remove, the encoded context's key
@@ -441,8 +445,7 @@ class RowContexts(_ContextHooks):
                 self.contexts.append(torch.cat(ids).to(device) if ids else torch.zeros(0, dtype=torch.long, device=device))
             self._unit_of_case.append(units[key])
         self._rows: list[int] | None = None
-        super().__init__(model)
-        self._remove_hooks()  # installed while the block runs
+        super().__init__(model)  # the hooks are installed while the block runs
 
     def select(self, cases: Sequence[int]) -> None:
         """Name the case of each row of the next forward passes (``cases[row]``: an index into ``per_case``)."""
@@ -454,8 +457,7 @@ class RowContexts(_ContextHooks):
         return [(unit, self.contexts[unit]) for unit in self._rows]
 
     def __enter__(self) -> "RowContexts":
-        body = self.model.base_model
-        self._handles = [body.register_forward_pre_hook(self._before, with_kwargs=True), body.register_forward_hook(self._after, with_kwargs=True)]
+        self._install_hooks()
         return self
 
     def __exit__(self, *exc) -> None:
