@@ -16,3 +16,18 @@ BUILTIN_POOL: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("Albert Einstein worked in the field of", "Albert Einstein", "biology", "physics", "Albert Einstein's field of research was", "Niels Bohr worked in the field of"),
     ("The Nile flows through the country of", "Nile", "Mexico", "Egypt", "The river Nile runs through", "The city of Cairo is in the country of"),
 )
+
+# Named entities of several kinds (people, places, organisations, works) that stand in for a
+# request's subject in its own prompt: "<an edited relation> of <someone else>" is a prompt the
+# edit must leave alone (CaliNET's retained prompts). Their answers are never needed.
+STAND_IN_SUBJECTS: tuple[str, ...] = (
+    "Jacques Chirac", "Angela Merkel", "Pablo Picasso", "Ludwig van Beethoven", "Marie Curie",
+    "Haruki Murakami", "Nelson Mandela", "Frida Kahlo", "Leo Tolstoy", "Rabindranath Tagore",
+    "Gabriel Garcia Marquez", "Sophia Loren", "Akira Kurosawa", "Miriam Makeba", "Wolfgang Pauli",
+    "Astrid Lindgren", "Kenya", "Norway", "Peru", "Vietnam", "Quebec", "Bavaria", "Lake Geneva",
+    "Kyoto", "Marseille", "Buenos Aires", "the Danube", "Mount Kilimanjaro", "Microsoft",
+    "Toyota", "Nokia", "the BBC", "Siemens", "Airbus", "the Red Cross", "Real Madrid",
+    "the Beatles", "Don Quixote", "The Magic Flute", "Windows 95", "the Volkswagen Beetle",
+    "Google Maps", "Harvard University", "the Louvre", "Deutsche Bank", "Manchester United",
+    "Samsung", "Sony",
+)

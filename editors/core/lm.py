@@ -140,6 +140,23 @@ def collate_pairs(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, d
     )
 
 
+def length_batches(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str, max_tokens: int) -> list[PairBatch]:
+    """``encoded`` sorted by length and cut into :func:`collate_pairs` batches of at most
+    ``max_tokens`` padded tokens each (at least one sequence each): little padding when lengths
+    differ. The sequences' order across the batches is the sorted one."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    batches, current = [], []
+    for i in order:
+        length = len(encoded[i][0]) + len(encoded[i][1])  # the longest so far: the list is sorted
+        if current and (len(current) + 1) * length > max_tokens:
+            batches.append(collate_pairs(current, pad_id, device))
+            current = []
+        current.append(encoded[i])
+    if current:
+        batches.append(collate_pairs(current, pad_id, device))
+    return batches
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

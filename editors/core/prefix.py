@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .hooks import replace_first, trace
-from .lm import cache_kwargs, cache_of, model_device
+from .lm import cache_kwargs, cache_of, logits_at, model_device, unembed
+from .patch import add_to_output, module_input
 from .targets import ModelTargets, get_module
 
 
@@ -184,26 +185,119 @@ def frozen_below(model: nn.Module, targets: ModelTargets, layer: int, input_ids:
     same shape but other tokens would be wrong). Results equal full passes: the upper blocks see
     the same inputs.
     """
-    blocks = get_module(model, targets.layers)
-    if layer == 0:
+    with BelowRecorded(model, targets, layer, [(input_ids, attention_mask)]).replaying(0):
         yield
-        return
-    with torch.no_grad(), _block_input(blocks[layer]) as entering:
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden, template = entering
-    shape = tuple(input_ids.shape)
 
-    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        given = args[0] if args else kwargs.get("hidden_states")
-        if given is not None and tuple(given.shape[:2]) != shape:
-            raise RuntimeError(f"frozen_below holds the lower blocks' output for a batch of shape {shape}, not {tuple(given.shape[:2])}")
 
-    with _blocks_recorded(blocks, layer, template, hidden):
-        handle = blocks[0].register_forward_pre_hook(check, with_kwargs=True)
-        try:
+class BelowRecorded:
+    """:func:`frozen_below` for several batches: each batch's input to block ``layer`` is
+    recorded once at construction, and :meth:`replaying` ``(i)`` is a block inside which forward
+    passes on batch ``i`` run only blocks ``layer`` and above. For a training set split into
+    batches of similar lengths (less padding) whose gradients are accumulated on every step."""
+
+    def __init__(self, model: nn.Module, targets: ModelTargets, layer: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.blocks = get_module(model, targets.layers)
+        self.layer = layer
+        self.records: list[tuple[Any, torch.Tensor | None]] = []
+        for input_ids, attention_mask in batches:
+            if layer == 0:
+                self.records.append((None, None))
+                continue
+            with torch.no_grad(), _block_input(self.blocks[layer]) as entering:
+                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden, template = entering
+            self.records.append((template, hidden))
+
+    @contextlib.contextmanager
+    def replaying(self, i: int) -> Iterator[None]:
+        template, hidden = self.records[i]
+        if hidden is None:
             yield
+            return
+        shape = tuple(hidden.shape[:2])
+
+        def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            given = args[0] if args else kwargs.get("hidden_states")
+            if given is not None and tuple(given.shape[:2]) != shape:
+                raise RuntimeError(f"the lower blocks' output is recorded for a batch of shape {shape}, not {tuple(given.shape[:2])}")
+
+        with _blocks_recorded(self.blocks, self.layer, template, hidden):
+            handle = self.blocks[0].register_forward_pre_hook(check, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+
+class TopMLPReadout:
+    """Logits at chosen positions when only the top block's MLP output changes.
+
+    Neurons added to the MLP of the model's last block (CaliNET's slots there) change nothing
+    that any block reads: attention in the last block runs before its MLP, and no block follows.
+    At each position the final hidden state is then ``block_out + extra(x)``, with ``x`` the
+    MLP's input and ``block_out`` the block's output without the extra neurons, both fixed. One
+    pass per batch records them at the positions that matter (``rows``/``cols``); afterwards
+    :meth:`logits` costs only the final norm and the unembedding of those positions, whatever
+    the sequences' lengths. :attr:`exact` says whether a check pass, with random neurons hooked
+    onto that MLP, matched a full forward pass: architectures that transform the MLP's output
+    before adding it to the residual stream (a norm after the MLP, as in Gemma 2) do not, and
+    their callers must run the full model instead.
+    """
+
+    def __init__(self, model: nn.Module, targets: ModelTargets, batches: Sequence[Any]) -> None:
+        self.model = model
+        top = len(get_module(model, targets.layers)) - 1
+        self.mlp = get_module(model, targets.layer("mlp", top))
+        self.block = get_module(model, targets.layers)[top]
+        self.norm = get_module(model, targets.final_norm)
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        for batch in batches:
+            x, y = self._record(batch)
+            self.inputs.append(x)
+            self.outputs.append(y)
+        self.exact = self._check(batches[0]) if batches else True
+
+    def _record(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+
+        def mlp_in(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["x"] = module_input(args, kwargs).detach()
+
+        def block_out(module: nn.Module, args: tuple, output: Any) -> None:
+            captured["y"] = (output if isinstance(output, torch.Tensor) else output[0]).detach()
+
+        handles = [self.mlp.register_forward_pre_hook(mlp_in, with_kwargs=True), self.block.register_forward_hook(block_out)]
+        try:
+            with torch.no_grad():
+                self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured["x"][batch.rows, batch.cols], captured["y"][batch.rows, batch.cols]
+
+    def logits(self, i: int, extra: Any) -> torch.Tensor:
+        """Logits ``[positions, vocab]`` of batch ``i`` with ``extra(x)`` added to the top MLP's output."""
+        y = self.outputs[i]
+        return unembed(self.model, self.norm(y + extra(self.inputs[i]).to(y.dtype)))
+
+    def _check(self, batch: Any) -> bool:
+        generator = torch.Generator().manual_seed(0)
+        d_in, d_out = self.inputs[0].shape[-1], self.outputs[0].shape[-1]
+        weight = (torch.randn(d_in, d_out, generator=generator) * d_in**-0.5).to(self.outputs[0])
+        extra = lambda x: torch.tanh(x @ weight)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return add_to_output(output, extra(module_input(args, kwargs)))
+
+        handle = self.mlp.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                full = logits_at(self.model, batch)
         finally:
             handle.remove()
+        with torch.no_grad():
+            return bool(torch.allclose(self.logits(0, extra), full, rtol=1e-4, atol=1e-4))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ import torch
 from factedit.editors import get_editor
 from factedit.editors.core.hooks import edit_output, trace
 from factedit.editors.memit import AlphaEdit, AlphaEditConfig, MEMIT, MEMITConfig, PMET
-from factedit.editors.core.lm import collate_pairs, target_nll
-from factedit.editors.core.prefix import FrozenPrefix, frozen_below
+from factedit.editors.core.lm import collate_pairs, length_batches, logits_at, target_nll
+from factedit.editors.core.prefix import BelowRecorded, FrozenPrefix, TopMLPReadout, frozen_below
 from factedit.editors.rome import ROMEConfig
 from factedit.editors.rome.context import sample_prefixes, subject_last_index
 from factedit.editors.rome.keys import subject_reads
@@ -117,6 +117,63 @@ def test_frozen_below_refuses_a_batch_of_another_shape(tiny_model):
     with frozen_below(tiny_model, targets, 2, batch.input_ids, batch.attention_mask):
         with pytest.raises(RuntimeError, match="shape"):
             target_nll(tiny_model, other)
+
+
+def test_below_recorded_replays_each_batch_as_a_full_pass(tiny_model):
+    """Several batches recorded once; each replayed batch gives the full pass's loss and gradient."""
+    targets = get_targets(tiny_model)
+    batches = [collate_pairs([([5, 6, 7], [8, 9]), ([11, 12], [13])], pad_id=0), collate_pairs([([14, 15, 16, 17, 3], [18])], pad_id=0)]
+    module = targets.layer("mlp_out", 1)
+    torch.manual_seed(0)
+    delta = torch.randn(tiny_model.config.hidden_size, requires_grad=True)
+
+    def run(batch):
+        with edit_output(tiny_model, module, lambda out: out + delta):
+            loss = target_nll(tiny_model, batch).sum()
+        (grad,) = torch.autograd.grad(loss, [delta])
+        return loss.detach(), grad
+
+    full = [run(b) for b in batches]
+    below = BelowRecorded(tiny_model, targets, 1, [(b.input_ids, b.attention_mask) for b in batches])
+    for i in (1, 0, 1):
+        with below.replaying(i):
+            loss, grad = run(batches[i])
+            with pytest.raises(RuntimeError, match="shape"):
+                target_nll(tiny_model, batches[1 - i])
+        torch.testing.assert_close(loss, full[i][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad, full[i][1], atol=1e-6, rtol=1e-5)
+    assert torch.equal(run(batches[0])[0], full[0][0])  # whole again afterwards
+
+
+def test_top_mlp_readout_gives_the_full_logits_with_neurons_added(tiny_model):
+    targets = get_targets(tiny_model)
+    batches = [collate_pairs([([5, 6, 7], [8, 9]), ([11, 12], [13])], pad_id=0), collate_pairs([([14, 15, 16, 17, 3], [18])], pad_id=0)]
+    readout = TopMLPReadout(tiny_model, targets, batches)
+    assert readout.exact
+    torch.manual_seed(0)
+    weight = torch.randn(tiny_model.config.hidden_size, tiny_model.config.hidden_size)
+    extra = lambda x: torch.relu(x @ weight)
+    top = targets.layer("mlp", tiny_model.config.num_hidden_layers - 1)
+    handle = get_module(tiny_model, top).register_forward_hook(lambda m, args, out: out + extra(args[0]))
+    try:
+        with torch.no_grad():
+            full = [logits_at(tiny_model, b) for b in batches]
+    finally:
+        handle.remove()
+    for i, b in enumerate(batches):
+        torch.testing.assert_close(readout.logits(i, extra), full[i], atol=1e-5, rtol=1e-5)
+        assert readout.logits(i, extra).shape[0] == len(b.rows)
+
+
+def test_length_batches_sort_and_respect_the_token_budget():
+    encoded = [([1] * n, [2] * (n % 3 + 1)) for n in (7, 2, 9, 4, 4, 12, 1)]
+    batches = length_batches(encoded, pad_id=0, device="cpu", max_tokens=24)
+    rows = [tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b.input_ids, b.attention_mask)]
+    assert sorted(rows) == sorted(tuple(p + t) for p, t in encoded)  # every sequence once
+    lengths = [len(r) for r in rows]
+    assert lengths == sorted(lengths)
+    assert all(b.input_ids.numel() <= 24 or len(b.lengths) == 1 for b in batches)
+    assert len(length_batches(encoded, 0, "cpu", 10**6)) == 1
 
 
 # -- context and positions ----------------------------------------------------------------------
