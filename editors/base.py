@@ -489,6 +489,13 @@ class Editor(ABC):
         user does the same with :func:`factedit.datamodules.load_requests` or any other source of
         requests. Optional: the default reads nothing."""
 
+    def data_not_read(self, setting: str, path: str) -> EditError:
+        """The error for a config naming a data file (``setting``) whose records :meth:`read_data` was not given."""
+        return EditError(
+            f"{self.name}: {setting} {path!r} has not been read; call editor.read_data(config, read_requests) "
+            "first (for example with factedit.datamodules.load_requests), as edit.py does"
+        )
+
     def check(self, model: torch.nn.Module, config: EditorConfig) -> None:
         """Cheap checks that ``config`` fits ``model`` (modules the targets table can locate, layers
         in range), raising ``ValueError`` or ``KeyError`` with what to change. ``edit.py`` calls it

@@ -72,7 +72,7 @@ from torch import nn
 from factedit.batches import pad_id
 from factedit.models import frozen
 
-from ..base import EditError, Editor, EditRequest, register_editor
+from ..base import Editor, EditRequest, register_editor
 from ..core.facts import STAND_IN_SUBJECTS
 from ..core.patch import GENERIC_TEXTS, FFNPatchEdit, NeuronHook, fact_prompts, neuron_output, patch_hooks
 from ..core.lm import PairBatch, encode_pair, length_batches, logits_at, model_device, sequence_nll
@@ -171,10 +171,7 @@ class CaliNET(Editor):
         if not config.retain_path:
             return None
         if self._retain_file is None or self._retain_file[0] != config.retain_path:
-            raise EditError(
-                f"CaliNET: retain_path {config.retain_path!r} has not been read; call editor.read_data(config, read_requests) "
-                "first (for example with factedit.datamodules.load_requests), as edit.py does"
-            )
+            raise self.data_not_read("retain_path", config.retain_path)
         return self._retain_file[1]
 
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: CaliNETConfig) -> CaliNETEdit:
@@ -191,10 +188,8 @@ class CaliNET(Editor):
             bias = torch.zeros(config.n_slots, device=device, requires_grad=True) if config.bias else None
             slots[targets.layer("mlp", layer)] = (keys, bias, values)
 
-        pairs = []
-        for r in requests:
-            prompts = [r.prompt] + (list(r.rephrase_prompts) if config.rephrases else [])
-            pairs += [encode_pair(tokenizer, p, r.target_new) for p in prompts]
+        training = [(p, r.target_new) for r in requests for p in [r.prompt] + (list(r.rephrase_prompts) if config.rephrases else [])]
+        pairs = [encode_pair(tokenizer, p, t) for p, t in training]
         kept: list[tuple[list[int], list[int]]] = []
         if config.retain_weight > 0:
             edit_prompts = {r.prompt for r in requests}
@@ -235,7 +230,7 @@ class CaliNET(Editor):
                 "retained_kl": kl_value,
                 "training_pairs": len(pairs),
                 "retained_texts": len(kept),
-                "pairs": [[p, r.target_new] for r in requests for p in [r.prompt] + (list(r.rephrase_prompts) if config.rephrases else [])],
+                "pairs": [list(pair) for pair in training],
             },
         )
         return edit.apply(model)
@@ -278,10 +273,12 @@ class CaliNET(Editor):
         with the slots as they are; each step sums the batches' gradients. Returns steps, NLL and KL."""
         n_sequences = sum(len(b.lengths) for b in new)
         n_kept = sum(len(b.rows) for b in kept)
-        before = []
+        before = []  # per retained batch: the model's own next-token probabilities and their sum of p log p
         with torch.no_grad():  # the slots' values start at zero: these passes are the model's own
             for i in range(len(new), len(new) + len(kept)):
-                before.append(torch.log_softmax(logits_of(i).float(), dim=-1))
+                logp = torch.log_softmax(logits_of(i).float(), dim=-1)
+                p = logp.exp()
+                before.append((p, (p * logp).sum()))
         step, loss_value, kl_value = 0, float("nan"), 0.0
         for step in range(1, config.steps + 1):
             optimizer.zero_grad(set_to_none=True)
@@ -290,9 +287,9 @@ class CaliNET(Editor):
                 loss = sequence_nll(logits_of(i), b.rows, b.targets, b.lengths).sum() / n_sequences
                 loss.backward()
                 loss_value += loss.item()
-            for i, logp_before in enumerate(before, start=len(new)):
+            for i, (p_before, p_log_p) in enumerate(before, start=len(new)):
                 logp = torch.log_softmax(logits_of(i).float(), dim=-1)
-                kl = (logp_before.exp() * (logp_before - logp)).sum() / n_kept
+                kl = (p_log_p - (p_before * logp).sum()) / n_kept  # KL(before || now), summed over the batch's positions
                 (config.retain_weight * kl).backward()
                 kl_value += kl.item()
             if step % 10 == 0:

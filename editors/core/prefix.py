@@ -247,34 +247,16 @@ class TopMLPReadout:
     def __init__(self, model: nn.Module, targets: ModelTargets, batches: Sequence[Any]) -> None:
         self.model = model
         top = len(get_module(model, targets.layers)) - 1
-        self.mlp = get_module(model, targets.layer("mlp", top))
-        self.block = get_module(model, targets.layers)[top]
+        self.mlp_name, self.block_name = targets.layer("mlp", top), f"{targets.layers}.{top}"
         self.norm = get_module(model, targets.final_norm)
         self.inputs: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
         for batch in batches:
-            x, y = self._record(batch)
-            self.inputs.append(x)
-            self.outputs.append(y)
+            with torch.no_grad(), trace(model, [self.mlp_name, self.block_name], inputs=True, outputs=True) as traced:
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            self.inputs.append(traced[self.mlp_name].input[batch.rows, batch.cols])
+            self.outputs.append(traced[self.block_name].output[batch.rows, batch.cols])
         self.exact = self._check(batches[0]) if batches else True
-
-    def _record(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-
-        def mlp_in(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["x"] = module_input(args, kwargs).detach()
-
-        def block_out(module: nn.Module, args: tuple, output: Any) -> None:
-            captured["y"] = (output if isinstance(output, torch.Tensor) else output[0]).detach()
-
-        handles = [self.mlp.register_forward_pre_hook(mlp_in, with_kwargs=True), self.block.register_forward_hook(block_out)]
-        try:
-            with torch.no_grad():
-                self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured["x"][batch.rows, batch.cols], captured["y"][batch.rows, batch.cols]
 
     def logits(self, i: int, extra: Any) -> torch.Tensor:
         """Logits ``[positions, vocab]`` of batch ``i`` with ``extra(x)`` added to the top MLP's output."""
@@ -290,7 +272,7 @@ class TopMLPReadout:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return add_to_output(output, extra(module_input(args, kwargs)))
 
-        handle = self.mlp.register_forward_hook(hook, with_kwargs=True)
+        handle = get_module(self.model, self.mlp_name).register_forward_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
                 full = logits_at(self.model, batch)

@@ -600,10 +600,7 @@ class IKE(Editor):
         facts = builtin_requests() if config.builtin_pool else []
         if config.pool_path:
             if self._pool_file is None or self._pool_file[0] != (config.pool_path, config.pool_limit):
-                raise EditError(
-                    f"IKE: pool_path {config.pool_path!r} has not been read; call editor.read_data(config, read_requests) "
-                    "first (for example with factedit.datamodules.load_requests), as edit.py does"
-                )
+                raise self.data_not_read("pool_path", config.pool_path)
             facts += self._pool_file[1]
         sentences = [d for f in facts for d in demonstrations(f)]
         self._pool = (key, sentences, embed_sentences(model, tokenizer, sentences, config.embed_batch_size))
