@@ -93,7 +93,7 @@ def test_save_load_round_trip(tiny_model, tokenizer, request_factory, tmp_path):
 
 
 def test_stand_in_prompts_ask_the_same_of_other_subjects(request_factory):
-    from factedit.editors.calinet.editor import stand_in_prompts
+    from factedit.editors.core.facts import stand_in_prompts
     from factedit.editors.core.facts import STAND_IN_SUBJECTS
 
     reqs = [
@@ -130,7 +130,7 @@ def test_retention_keeps_other_subjects_answers(tiny_model, tokenizer, request_f
     less than with the paper's objective alone. (The tiny models' final norm keeps every
     distribution near uniform, so the KL term is small there: the test weights it up and compares
     centred logits.)"""
-    from factedit.editors.calinet.editor import stand_in_prompts
+    from factedit.editors.core.facts import stand_in_prompts
 
     req = request_factory(target_new="Paris")
     probes = stand_in_prompts([req], 48, torch.Generator().manual_seed(1))
@@ -175,7 +175,7 @@ def test_top_block_slots_train_from_a_readout_as_with_the_full_model(tiny_model,
 
 
 def test_stand_ins_come_first_from_facts_with_the_same_answer_or_wording(request_factory):
-    from factedit.editors.calinet.editor import KnownFacts, stand_in_prompts
+    from factedit.editors.core.facts import KnownFacts, stand_in_prompts
 
     facts = [
         request_factory("f0", prompt="The mother tongue of Maria Callas is", subject="Maria Callas", target_new="x", target_true="Greek"),
