@@ -86,7 +86,7 @@ def test_positions_below_the_threshold_keep_the_main_memory_exactly(tiny_model, 
     assert torch.equal(routed[~fire], plain[~fire])
     assert torch.allclose(routed[fire], plain[fire] + (x @ state.delta.T)[fire], atol=1e-6)
     # The edit's threshold is act_ratio times the smallest activation of its answer positions,
-    # and its activation read off the router is its change's: || a D_e^T ||.
+    # and its activation read off the factors is its change's: || a D_e^T ||.
     assert float(state.thresholds[0]) == pytest.approx(0.88 * float(activations(edit.answer_inputs, state.delta).min()), rel=1e-4)
     assert torch.allclose(state.edit_activations(x)[..., 0], activations(x, state.delta), rtol=1e-4, atol=1e-4)
 
@@ -94,7 +94,7 @@ def test_positions_below_the_threshold_keep_the_main_memory_exactly(tiny_model, 
 def test_shards_route_by_the_merged_memory_and_one_threshold(tiny_model, tokenizer, request_factory):
     edit = get_editor("wise")().apply(tiny_model, tokenizer, [request_factory(target_new="Paris")], _config(writing="shards"))
     state = SideMemory.of(tiny_model, edit.module).state
-    assert state.router is None
+    assert state.right is None
     assert state.eps == pytest.approx(0.88 * float(activations(edit.answer_inputs, state.delta).min()), rel=1e-6)
     x = torch.randn(7, state.delta.shape[1])
     assert torch.equal(state.fires(x), activations(x, state.delta) > state.eps)
@@ -213,6 +213,19 @@ def test_orthogonal_writing_leaves_earlier_edits_outputs_and_reverts_exactly(tin
         for e in edits[: i + 1]:
             e.add_to(own)
         assert torch.allclose(edit.answer_inputs @ delta.T, edit.answer_inputs @ own.T, atol=1e-3 * float((edit.answer_inputs @ own.T).abs().max()))
+    # Each position gets the changes of the edits that fire there, and only those.
+    state = memory.state
+    x = torch.cat([e.answer_inputs for e in edits] + [torch.randn(5, delta.shape[1])]).to(state.right.device)
+    gate = state.edit_activations(x) > state.thresholds
+    assert gate[: len(edits[0].answer_inputs), 0].all(), "test premise: an edit fires at its own answer inputs"
+    changes = []
+    for e in edits:
+        change = torch.zeros_like(delta)
+        e.add_to(change)
+        changes.append(change.to(x.device))
+    expected = sum(gate[:, i : i + 1] * (x @ changes[i].T) for i in range(len(edits)))
+    extra, fire = state.gated(x)
+    assert torch.allclose(extra, expected, atol=1e-4) and torch.equal(fire, gate.any(-1))
     # Mixing writing modes in one side memory is refused.
     with pytest.raises(EditError, match="writing"):
         get_editor("wise")().apply(tiny_model, tokenizer, [request_factory("d", target_new="Rome")], _config(writing="shards"))
