@@ -129,6 +129,12 @@ def edit_input(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor], 
         handle.remove()
 
 
+def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """A value that changes whenever a parameter of ``model`` is written in place or replaced: for
+    caches of activations that hold only while the weights do."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 def module_inputs(model: nn.Module, module_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The first positional input ``[batch, seq, d]`` of ``module_name`` (float32, no gradient).
 

@@ -28,6 +28,14 @@ class TPatcherConfig(EditorConfig):
     fact_memory: bool = field(
         default=True, metadata={"help": "add the built-in fact prompts (factual questions about other subjects) to the memory"}
     )
+    answer_neurons: bool = field(
+        default=True,
+        metadata={"help": "one neuron per target token, firing at the teacher-forced position that predicts it (multi-token answers); false: one neuron per edit at the prompt's last token"},
+    )
+    stand_ins: int = field(default=8, metadata={"help": "per request, its own prompts about other subjects added to the memory (facts of retain_path first, then built-in entities)"})
+    retain_path: str | None = field(default=None, metadata={"help": "a file of other facts (such as the training split): its questions stand in first, and its locality probes join the memory"})
+    retain_texts: int = field(default=16, metadata={"help": "with retain_path, locality probes of that file added to each call's memory"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled stand-ins and retained probes"})
     request_memory: bool = field(
         default=False,
         metadata={"help": "also add each request's locality probes and neighbourhood prompts to the memory (they are evaluation probes: scores on them are then not held out)"},
@@ -43,6 +51,8 @@ class TPatcherConfig(EditorConfig):
             raise ValueError("steps must be >= 1 and lr > 0")
         if self.memory_margin >= self.act_margin:
             raise ValueError(f"memory_margin ({self.memory_margin}) must be below act_margin ({self.act_margin})")
+        if self.stand_ins < 0 or self.retain_texts < 0:
+            raise ValueError("stand_ins and retain_texts must be >= 0")
         if min(self.edit_weight, self.act_weight, self.memory_weight) < 0:
             raise ValueError("loss weights must be non-negative")
 

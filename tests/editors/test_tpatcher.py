@@ -1,4 +1,4 @@
-"""T-Patcher (Huang et al., 2023): one neuron per edit, margins, stacking and exact revert."""
+"""T-Patcher (Huang et al., 2023): neurons per edit and answer token, margins, memory, stacking and exact revert."""
 
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ def test_config_validation():
 
 def test_edit_predicts_target_with_one_neuron_in_the_last_layer(tiny_model, tokenizer, request_factory):
     req = request_factory(target_new="Paris")
+    assert len(encode_pair(tokenizer, req.prompt, req.target_new)[1]) == 1
     assert not _predicts(tiny_model, tokenizer, req.prompt, req.target_new)
     edit = _edit(tiny_model, tokenizer, req)
-    assert isinstance(edit, TPatcherEdit) and edit.num_neurons() == 1
+    assert isinstance(edit, TPatcherEdit) and edit.num_neurons() == 1 and edit.info["neurons_per_request"] == [1]
     assert edit.param_names == []
     last = len(get_module(tiny_model, "model.layers" if tiny_model.config.model_type == "llama" else "transformer.h")) - 1
     assert edit.info["layer"] == last and str(last) in next(iter(edit.patches))
@@ -89,10 +90,10 @@ def test_memory_includes_previous_patches(tiny_model, tokenizer, request_factory
     alone.revert(tiny_model)
     first = _edit(tiny_model, tokenizer, request_factory("a", target_new="Paris"))
     second = _edit(tiny_model, tokenizer, req_b)
-    # the second patch was trained to stay silent on the first edit's prompt: one more memory query
-    assert second.info["memory_positions"] == alone.info["memory_positions"] + 1
+    # the second patch was trained to stay silent where the first one fires: its queries join the memory
+    assert second.info["memory_positions"] == alone.info["memory_positions"] + len(first.extras["queries"])
     z = second.preactivations(first.extras["queries"])
-    assert z.item() < TPatcherConfig().memory_margin
+    assert (z < TPatcherConfig().memory_margin).all()
 
 
 def test_sequential_patches_accumulate_and_middle_revert_is_exact(tiny_model, tokenizer, request_factory):
@@ -124,10 +125,78 @@ def test_sequential_patches_accumulate_and_middle_revert_is_exact(tiny_model, to
 
 def test_batch_call_gives_one_neuron_per_request(tiny_model, tokenizer, request_factory):
     reqs = [request_factory("a", target_new="Paris"), request_factory("b", prompt="The capital of Italy is", subject="Italy", target_new="Africa")]
-    edit = get_editor("t_patcher")().apply(tiny_model, tokenizer, reqs, TPatcherConfig(steps=80))
+    edit = get_editor("t_patcher")().apply(tiny_model, tokenizer, reqs, TPatcherConfig(steps=80, answer_neurons=False))
     assert edit.num_neurons() == 2 and edit.case_ids == ["a", "b"]
     z = edit.preactivations(edit.extras["queries"])  # [request, neuron]
     assert (z.diagonal() >= 1.0).all() and (z[~torch.eye(2, dtype=torch.bool)] < -1.0).all()
+
+
+def _teacher_forced_hits(model, tokenizer, prompt, target) -> list[bool]:
+    batch = collate_pairs([encode_pair(tokenizer, prompt, target)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return (logits_at(model, batch).argmax(-1) == batch.targets).tolist()
+
+
+def test_multi_token_answer_gets_a_neuron_per_token_firing_at_its_own_position(tiny_model, tokenizer, request_factory):
+    req = request_factory(target_new="Africa and Rome")
+    prompt_ids, target_ids = encode_pair(tokenizer, req.prompt, req.target_new)
+    assert len(target_ids) >= 3 and not all(_teacher_forced_hits(tiny_model, tokenizer, req.prompt, req.target_new))
+    edit = _edit(tiny_model, tokenizer, req, steps=150)
+    assert edit.num_neurons() == len(target_ids) and edit.info["neurons_per_request"] == [len(target_ids)]
+    assert all(_teacher_forced_hits(tiny_model, tokenizer, req.prompt, req.target_new))
+    # the queries are the MLP inputs at the positions predicting each target token, in order
+    module = next(iter(edit.patches))
+    from factedit.editors.core.hooks import module_inputs
+
+    ids = torch.tensor([prompt_ids + target_ids])
+    positions = module_inputs(tiny_model, module, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1 : -1]
+    assert torch.allclose(edit.extras["queries"], positions.float(), atol=1e-5)
+    z = edit.preactivations(positions)  # [position, neuron]: each neuron fires at its own position only
+    on = torch.eye(len(target_ids), dtype=torch.bool)
+    assert (z[on] >= TPatcherConfig().act_margin).all() and (z[~on] < TPatcherConfig().memory_margin).all()
+    edit.revert(tiny_model)
+    # the one-neuron setting fires at the prompt's last token alone
+    single = _edit(tiny_model, tokenizer, req, steps=150, answer_neurons=False)
+    assert single.num_neurons() == 1 and torch.allclose(single.extras["queries"], positions[:1].float(), atol=1e-5)
+
+
+def test_stand_ins_and_retained_probes_join_the_memory(tiny_model, tokenizer, request_factory):
+    from factedit.editors.base import EditError
+    from factedit.editors.core.facts import KnownFacts
+    from factedit.editors.requests import QA
+
+    editor = get_editor("t_patcher")()
+    request = request_factory(target_new="Paris")
+    other = request_factory("o", prompt="The mother tongue of Jean Gabin is", subject="Jean Gabin", locality=(QA("Who wrote Hamlet?", "Shakespeare"),))
+    editor._retain_file = ("facts.json", KnownFacts.of([other]))
+    texts = editor._varying_texts([request], TPatcherConfig(stand_ins=2, retain_path="facts.json", retain_texts=4))
+    assert "The mother tongue of Jean Gabin is" in texts and len(texts) == 3
+    assert any(t.startswith("Who wrote Hamlet?") for t in texts)
+    scored = {request.prompt, *request.rephrase_prompts, *request.neighborhood_prompts, *(qa.prompt for qa in request.locality)}
+    assert not scored & set(texts)
+    assert editor._varying_texts([request], TPatcherConfig(stand_ins=0)) == []
+    with pytest.raises(EditError, match="retain_path"):
+        get_editor("t_patcher")()._varying_texts([request], TPatcherConfig(retain_path="facts.json"))
+    # every position of the stand-ins is memory: a call with them has more memory queries
+    without = _edit(tiny_model, tokenizer, request, stand_ins=0)
+    without.revert(tiny_model)
+    with_stand_ins = _edit(tiny_model, tokenizer, request, stand_ins=2)
+    assert with_stand_ins.info["memory_positions"] > without.info["memory_positions"]
+
+
+def test_fixed_memory_is_encoded_once_and_again_after_a_weight_changes(tiny_model, tokenizer):
+    editor = get_editor("t_patcher")()
+    module = "model.layers.1.mlp" if tiny_model.config.model_type == "llama" else "transformer.h.1.mlp"
+    texts = list(GENERIC_TEXTS[:3])
+    first = editor._fixed_memory(tiny_model, tokenizer, module, texts)
+    assert editor._fixed_memory(tiny_model, tokenizer, module, texts) is first
+    weight = next(tiny_model.parameters())
+    with torch.no_grad():
+        weight.mul_(2.0)
+    again = editor._fixed_memory(tiny_model, tokenizer, module, texts)
+    assert again is not first and not torch.equal(again, first)
+    with torch.no_grad():
+        weight.div_(2.0)
 
 
 def test_save_load_round_trip_reproduces_stacked_outputs(tiny_model, tokenizer, request_factory, tmp_path):
