@@ -6,7 +6,7 @@ MLP's input at a position,
 
     FFN'(x) = FFN(x) + act(x K^T + b) V,    K: [n, d_in], b: [n], V: [n, d_out]
 
-T-Patcher (Huang et al., 2023) adds one neuron per edit (:mod:`factedit.editors.t_patcher`); CaliNET
+T-Patcher (Huang et al., 2023) adds one neuron per edit and answer token (:mod:`factedit.editors.t_patcher`); CaliNET
 (Dong et al., 2022) adds a block of calibration memory slots (:mod:`editors.calinet`).
 
 The neurons act through a forward hook on the MLP module, so no weight matrix is resized and no

@@ -136,8 +136,8 @@ class TPatcher(KnownFactsFile, Editor):
 
     def __init__(self) -> None:
         super().__init__()
-        # Memory queries of the fixed texts, per model and module, valid while its weights are unchanged.
-        self._fixed: dict[tuple[int, str, int], tuple[tuple, torch.Tensor]] = {}
+        # Memory queries of the fixed texts, per text, for each (model, module) while its weights are unchanged.
+        self._fixed: dict[tuple[int, str], tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     def apply(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], config: TPatcherConfig) -> TPatcherEdit:
         self.check_requests(requests)
@@ -205,19 +205,22 @@ class TPatcher(KnownFactsFile, Editor):
 
     def _fixed_memory(self, model: nn.Module, tokenizer: Any, module_name: str, texts: list[str]) -> torch.Tensor:
         """Queries at every position of ``texts`` (the generic sentences and built-in fact
-        prompts, which do not change from call to call): computed once per model and module and
-        again only when a weight of the model has changed since."""
+        prompts, the same in every call but for the rare one an edit prompt begins), kept per text
+        for each model and module, and computed again only when a weight has changed since."""
         if not texts:
             return torch.zeros(0, 0)
-        key = (id(model), module_name, hash(tuple(texts)))
-        version = weights_version(model)
-        cached = self._fixed.get(key)
-        if cached is None or cached[0] != version:
-            cached = (version, inputs_at_every_token(model, tokenizer, module_name, texts).float())
-            if len(self._fixed) >= 8:
+        key, version = (id(model), module_name), weights_version(model)
+        if key not in self._fixed or self._fixed[key][0] != version:
+            if len(self._fixed) >= 4:
                 self._fixed.clear()
-            self._fixed[key] = cached
-        return cached[1]
+            self._fixed[key] = (version, {})
+        known = self._fixed[key][1]
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        if missing:
+            lengths = [len(tokenizer(t)["input_ids"]) for t in missing]
+            rows = inputs_at_every_token(model, tokenizer, module_name, missing).float()
+            known.update(zip(missing, rows.split(lengths)))
+        return torch.cat([known[t] for t in texts])
 
     def _varying_texts(self, requests: Sequence[EditRequest], config: TPatcherConfig) -> list[str]:
         """Memory texts that depend on the requests: ``stand_ins`` of each request's own prompts

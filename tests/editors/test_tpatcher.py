@@ -184,17 +184,26 @@ def test_stand_ins_and_retained_probes_join_the_memory(tiny_model, tokenizer, re
     assert with_stand_ins.info["memory_positions"] > without.info["memory_positions"]
 
 
-def test_fixed_memory_is_encoded_once_and_again_after_a_weight_changes(tiny_model, tokenizer):
+def test_fixed_memory_is_encoded_once_per_text_and_again_after_a_weight_changes(tiny_model, tokenizer, monkeypatch):
+    from factedit.editors.t_patcher import editor as tp
+
     editor = get_editor("t_patcher")()
     module = "model.layers.1.mlp" if tiny_model.config.model_type == "llama" else "transformer.h.1.mlp"
     texts = list(GENERIC_TEXTS[:3])
+    encoded = []
+    real = tp.inputs_at_every_token
+    monkeypatch.setattr(tp, "inputs_at_every_token", lambda m, t, name, batch: encoded.append(list(batch)) or real(m, t, name, batch))
     first = editor._fixed_memory(tiny_model, tokenizer, module, texts)
-    assert editor._fixed_memory(tiny_model, tokenizer, module, texts) is first
+    assert torch.allclose(first, real(tiny_model, tokenizer, module, texts).float(), atol=1e-5)
+    # a call with a text left out, or the same texts again, encodes nothing
+    assert torch.equal(editor._fixed_memory(tiny_model, tokenizer, module, texts[1:]), first[len(tokenizer(texts[0])["input_ids"]) :])
+    assert torch.equal(editor._fixed_memory(tiny_model, tokenizer, module, texts), first)
+    assert encoded == [texts]
     weight = next(tiny_model.parameters())
     with torch.no_grad():
         weight.mul_(2.0)
     again = editor._fixed_memory(tiny_model, tokenizer, module, texts)
-    assert again is not first and not torch.equal(again, first)
+    assert encoded == [texts, texts] and not torch.equal(again, first)
     with torch.no_grad():
         weight.div_(2.0)
 
