@@ -7,8 +7,8 @@ Edits the first ``--limit`` records of ``--data`` one at a time (each edit made,
 reverted) with the editor's config updated by ``--base`` and by ``--new``, both on every record
 and in alternating order, so both settings see the same records on the same machine at the same
 moment (shared cores drift by tens of percent over minutes). With ``--base_rev`` the base column
-runs the editor's own module as it was at that git revision (the shared code and the config
-class are today's), so a change to an editor is timed against the code before it. Prints each setting's mean and median seconds per
+runs the editor's own module and its config's defaults as they were at that git revision (the
+shared code is today's), so a change to an editor is timed against the code before it. Prints each setting's mean and median seconds per
 edit, their ratio, and the steps the editor reports where it records them (``info["steps"]``).
 Settings are comma-separated ``field=value`` pairs of the editor's config (values read as Python
 literals); an empty string keeps the defaults.
@@ -41,23 +41,29 @@ def parse_settings(text: str) -> dict:
     return settings
 
 
-def editor_at_revision(editor_class: type, revision: str) -> object:
-    """An instance of ``editor_class`` as its module was at git ``revision``: the module's source
-    from ``git show``, its relative imports made absolute, not registered, its edit kinds renamed."""
+def module_at_revision(cls: type, revision: str) -> types.ModuleType:
+    """The module defining ``cls`` as it was at git ``revision`` (from ``git show``), with its
+    relative imports made absolute, its editors not registered and its edit kinds renamed."""
     root = Path(__file__).resolve().parents[1]
-    path = Path(inspect.getsourcefile(editor_class)).resolve().relative_to(root).as_posix()
+    path = Path(inspect.getsourcefile(cls)).resolve().relative_to(root).as_posix()
     source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True, check=True).stdout
-    package = editor_class.__module__.rsplit(".", 1)[0]
+    package = cls.__module__.rsplit(".", 1)[0]
     source = re.sub(r"^from \.\.", "from factedit.editors.", source, flags=re.M)
     source = re.sub(r"^from \.(?=\w)", f"from {package}.", source, flags=re.M)
     source = re.sub(r"^@register_editor\(.*\)\n", "", source, flags=re.M)
     source = re.sub(r'^(\s+kind = "[^"]+)"', rf'\1@{revision}"', source, flags=re.M)
-    module = types.ModuleType(f"{editor_class.__module__}_at_{revision}")
+    module = types.ModuleType(f"{cls.__module__}_at_{revision}")
     sys.modules[module.__name__] = module
     exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
-    editor = getattr(module, editor_class.__name__)()
-    editor.name, editor.config_class = editor_class.name, editor_class.config_class
-    return editor
+    return module
+
+
+def editor_at_revision(editor_class: type, revision: str) -> tuple[object, object]:
+    """An instance of ``editor_class`` and the defaults of its config as both were at ``revision``."""
+    editor = getattr(module_at_revision(editor_class, revision), editor_class.__name__)()
+    config_class = getattr(module_at_revision(editor_class.config_class, revision), editor_class.config_class.__name__)
+    editor.name, editor.config_class = editor_class.name, config_class
+    return editor, config_class()
 
 
 def main() -> None:
@@ -79,9 +85,11 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     editor = get_editor(args.editor)()
-    editors = {"base": editor_at_revision(type(editor), args.base_rev) if args.base_rev else editor, "new": editor}
     defaults = editor.config_class()
-    configs = {"base": dataclasses.replace(defaults, **parse_settings(args.base)), "new": dataclasses.replace(defaults, **parse_settings(args.new))}
+    editors, base_defaults = {"base": editor, "new": editor}, defaults
+    if args.base_rev:
+        editors["base"], base_defaults = editor_at_revision(type(editor), args.base_rev)
+    configs = {"base": dataclasses.replace(base_defaults, **parse_settings(args.base)), "new": dataclasses.replace(defaults, **parse_settings(args.new))}
     requests = load_requests(args.data, limit=args.limit)
     for name, config in configs.items():
         if hasattr(editors[name], "prepare"):
