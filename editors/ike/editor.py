@@ -75,6 +75,7 @@ from factedit.batches import pad_id, right_pad
 
 from ..base import Edit, EditError, Editor, EditRequest, register_editor
 from ..core.facts import BUILTIN_POOL
+from ..core.hooks import weights_version
 from ..core.lm import cache_argument, cache_in, cache_of, join_text, model_device
 from .config import IKEConfig
 
@@ -209,8 +210,8 @@ class _ContextHooks:
         finally:
             self._suspended = previous
 
-    def _weights_version(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.model.parameters())
+    def _weights_version(self) -> tuple[tuple[int, int], ...]:
+        return weights_version(self.model)
 
     def _context_states(self, key: Any, ctx: torch.Tensor, version: tuple[int, ...] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The context's keys and values per layer (batch of one), computed once per context and

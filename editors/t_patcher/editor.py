@@ -161,7 +161,8 @@ class TPatcher(KnownFactsFile, Editor):
         previous = [h.owner.extras["queries"] for h in patch_hooks(module) if isinstance(h.owner, TPatcherEdit)]
         if previous:
             memory.append(torch.cat(previous).to(device, torch.float32))
-        q_memory = torch.cat([m for m in memory if len(m)]) if any(len(m) for m in memory) else q_edit.new_zeros((0, q_edit.shape[1]))
+        memory = [m for m in memory if len(m)]
+        q_memory = torch.cat(memory) if memory else q_edit.new_zeros((0, q_edit.shape[1]))
 
         keys, bias = init_neurons(q_edit, q_memory, config.act_margin, config.memory_margin)
         d_out = model.config.hidden_size

@@ -467,8 +467,8 @@ class WISE(KnownFactsFile, Editor):
                 basis, mask = protected_basis(earlier, irrelevant, config.irrelevant_energy), None
             else:
                 basis, mask = None, shard_mask((d_out, d_ff), config.mask_ratio, config.seed, shard).to(device)
-            earlier_fires = memory.state.gated if memory is not None and orthogonal else None
-            delta, steps, losses = self._train(model, targets, layer, module, batch, answer_inputs, irrelevant, mask, basis, start, config, earlier_fires)
+            earlier = memory.state.gated if memory is not None and orthogonal else None
+            delta, steps, losses = self._train(model, targets, layer, module, batch, answer_inputs, irrelevant, mask, basis, start, config, earlier)
         finally:
             if memory is not None:
                 memory.enabled = True
@@ -506,11 +506,11 @@ class WISE(KnownFactsFile, Editor):
             texts += unscored(known.probes[j] for j in order)[: config.retain_texts]
         return unscored(dict.fromkeys(texts))
 
-    def _train(self, model, targets, layer, module, batch, answer_inputs, irrelevant, mask, basis, start, config: WISEConfig, earlier_fires=None):
+    def _train(self, model, targets, layer, module, batch, answer_inputs, irrelevant, mask, basis, start, config: WISEConfig, earlier=None):
         """The side memory's delta after SGD on the target NLL plus the routing loss (eq. 5): only
         the shard's entries move (``mask``), or (orthogonal writing, ``basis``) only directions
         orthogonal to ``basis``; then the routing loss and threshold concern this call's change
-        alone, and positions the earlier edits route (``earlier_fires``) get the side memory too."""
+        alone, and the earlier edits add their changes where they fire (``earlier``: :meth:`MemoryState.gated`)."""
         delta = start.clone().requires_grad_(True)
         # With orthogonal writing the decay acts on this call's change only (below), not on earlier edits.
         optimizer = torch.optim.SGD([delta], lr=config.lr, weight_decay=config.weight_decay if basis is None else 0.0)
@@ -531,9 +531,8 @@ class WISE(KnownFactsFile, Editor):
                 return replace_first(output, out + extra * fire[..., None].to(out.dtype))
             change = own()
             extra = (x @ change.to(x.dtype).T) * (at | (activations(x.detach(), change.detach()) > eps))[..., None].to(out.dtype)
-            if earlier_fires is not None:
-                earlier_extra, earlier_fire = earlier_fires(x.detach())
-                extra = extra + earlier_extra * earlier_fire[..., None].to(out.dtype)
+            if earlier is not None:  # zero wherever no earlier edit fires
+                extra = extra + earlier(x.detach())[0]
             return replace_first(output, out + extra)
 
         handle = module.register_forward_hook(side, with_kwargs=True)
